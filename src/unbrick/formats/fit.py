@@ -1,0 +1,7 @@
+"""Placeholder until the parser lands."""
+
+from __future__ import annotations
+
+from unbrick.formats.base import FormatSpec
+
+SPECS: tuple[FormatSpec, ...] = ()
