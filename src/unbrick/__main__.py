@@ -1,0 +1,3 @@
+from unbrick.cli.main import run
+
+run()

@@ -1,0 +1,1 @@
+"""The ``unbrick`` command line: a thin layer over :mod:`unbrick.ops`."""

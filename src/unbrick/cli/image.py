@@ -1,0 +1,144 @@
+"""``unbrick image``: inspect, verify and convert firmware image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from unbrick.cli.render import details_table, print_json, stdout_console
+from unbrick.errors import IntegrityError, SignatureError, UsageError
+from unbrick.formats.base import Limits
+from unbrick.formats.registry import FORMATS
+from unbrick.formats.raw import SPEC as RAW_SPEC
+from unbrick.ops import images
+from unbrick.trust.verify import verify_file
+
+_path = click.Path(path_type=Path, dir_okay=False)
+
+
+def _limits(max_expanded: int | None, max_depth: int | None) -> Limits:
+    base = Limits()
+    return Limits(
+        max_depth=max_depth if max_depth is not None else base.max_depth,
+        max_expanded_bytes=max_expanded if max_expanded is not None else base.max_expanded_bytes,
+    )
+
+
+@click.group()
+def image() -> None:
+    """Inspect, verify and convert firmware image files."""
+
+
+@image.command()
+@click.argument("file", type=_path)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--image", "companion", type=_path, help="Image described by a bmap file.")
+@click.option("--max-expanded", type=int, help="Bytes decompression may produce.")
+@click.option("--max-depth", type=int, help="Container nesting allowed.")
+def inspect(file: Path, as_json: bool, companion: Path | None, max_expanded: int | None,
+            max_depth: int | None) -> int:
+    """Detect FILE's format by content and check it.
+
+    Exit status: 0 valid, 1 parsed but invalid, other codes for refusals.
+    """
+    report = images.inspect_path(
+        file, limits=_limits(max_expanded, max_depth), companion=companion
+    )
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        con = stdout_console()
+        verdict = "[green]valid[/]" if report.valid else "[red]INVALID[/]"
+        con.print(f"[bold]{file}[/]: {report.format}, {report.size} bytes, {verdict}")
+        con.print(f"  sha256 {report.sha256}")
+        for p in report.problems:
+            con.print(f"  [red]problem:[/] {p}")
+        for w in report.warnings:
+            con.print(f"  [yellow]warning:[/] {w}")
+        if report.details:
+            con.print(details_table(report.details))
+    return 0 if report.valid else 1
+
+
+@image.command()
+@click.argument("file", type=_path)
+@click.option("--sha256", "sha256", metavar="HEX", help="Expected SHA-256 of FILE.")
+@click.option("--sums", type=_path, help="Checksum file (GNU or BSD format) listing FILE.")
+@click.option("--sig", type=_path, help="Detached signature of FILE.")
+@click.option("--minisign-key", type=_path, help="minisign/signify/usign public key.")
+@click.option("--gpg-keyring", type=_path, help="OpenPGP keyring trusted for --sig.")
+@click.option("--cms-ca", type=_path, help="CA certificate (PEM) trusted for a CMS --sig.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify(file: Path, sha256: str | None, sums: Path | None, sig: Path | None,
+           minisign_key: Path | None, gpg_keyring: Path | None, cms_ca: Path | None,
+           as_json: bool) -> int:
+    """Check FILE against checksums and signatures; exit 0 only if every check passed."""
+    report = verify_file(
+        file,
+        sha256=sha256,
+        sums=sums,
+        signature=sig,
+        minisign_key=minisign_key,
+        gpg_keyring=gpg_keyring,
+        cms_ca=cms_ca,
+    )
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        con = stdout_console()
+        for check in report.checks:
+            mark = "[green]ok[/]" if check.passed else "[red]FAILED[/]"
+            weak = " [yellow](weak algorithm)[/]" if check.weak else ""
+            con.print(f"{mark} {check.id}: {check.detail}{weak}")
+    if report.ok:
+        return 0
+    failed = [c for c in report.checks if not c.passed]
+    first = failed[0] if failed else None
+    err: IntegrityError
+    if first is not None and first.id.startswith("signature"):
+        err = SignatureError(f"{file}: {first.id} failed: {first.detail}")
+    elif first is not None:
+        err = IntegrityError(f"{file}: {first.id} failed: {first.detail}")
+    else:
+        raise UsageError("no check requested", hint="give --sha256, --sums or --sig with a key")
+    raise err
+
+
+@image.command()
+@click.argument("file", type=_path)
+@click.option("-o", "--output", type=_path, required=True, help="Output file.")
+@click.option("--to", "target", type=click.Choice(images.TARGETS), required=True)
+@click.option("--block-size", type=int, default=4096, show_default=True,
+              help="Block size of a sparse output.")
+@click.option("--fill", type=str, default="0xff", show_default=True,
+              help="Byte for gaps between HEX/SREC/UF2/ELF segments.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def convert(file: Path, output: Path, target: str, block_size: int, fill: str,
+            as_json: bool) -> int:
+    """Expand FILE to raw, or turn a raw FILE into an Android sparse image."""
+    try:
+        fill_byte = int(fill, 0)
+    except ValueError:
+        fill_byte = -1
+    if not 0 <= fill_byte <= 255:
+        raise UsageError(f"--fill {fill!r} is not a byte value", hint="use e.g. 0xff or 0")
+    report = images.convert_path(file, output, target, block_size=block_size, fill=fill_byte)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        con = stdout_console()
+        con.print(
+            f"{report.source} ({report.source_format}) -> {report.output} ({report.target}), "
+            f"{report.size} bytes, sha256 {report.sha256}"
+        )
+    return 0
+
+
+@image.command(name="formats")
+def list_formats() -> int:
+    """List the formats unbrick recognises."""
+    con = stdout_console()
+    for spec in (*FORMATS, RAW_SPEC):
+        con.print(f"[bold]{spec.name:15}[/] {spec.summary}")
+    return 0
