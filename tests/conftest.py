@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,13 +25,14 @@ def need(*programs: str) -> None:
             pytest.skip(msg)
 
 
-def run(argv: Sequence[str | Path], **kw: object) -> subprocess.CompletedProcess[bytes]:
+def run(argv: Sequence[str | Path], **kw: Any) -> subprocess.CompletedProcess[bytes]:
     """Run a peer program, failing the test with its output when it fails."""
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, timeout=300, check=False,
-                          **kw)  # type: ignore[call-overload]
+    proc = subprocess.run(
+        [str(a) for a in argv], capture_output=True, timeout=300, check=False, **kw
+    )
     if proc.returncode != 0:
         pytest.fail(
             f"{argv[0]} exited {proc.returncode}:\n{proc.stdout.decode(errors='replace')}"
             f"\n{proc.stderr.decode(errors='replace')}"
         )
-    return proc  # type: ignore[no-any-return]
+    return proc

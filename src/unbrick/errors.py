@@ -57,7 +57,7 @@ class ImageError(UnbrickError):
         message: str,
         *,
         hint: str | None = None,
-        format: str | None = None,  # noqa: A002 - the natural name
+        format: str | None = None,
         offset: int | None = None,
     ) -> None:
         super().__init__(message, hint=hint)

@@ -16,10 +16,11 @@ from unbrick.formats.registry import FORMAT_NAMES, FORMATS
 pytestmark = pytest.mark.unit
 
 #: The names the acceptance interface promises, exactly.
-PROMISED = set(
-    "gzip xz zstd bzip2 zip tar cpio ihex srec uf2 elf uimage fit android-sparse "
-    "android-boot bmap trx dfu mcuboot raw".split()
-)
+PROMISED = {
+    *("gzip", "xz", "zstd", "bzip2", "zip", "tar", "cpio", "ihex", "srec", "uf2", "elf"),
+    *("uimage", "fit", "android-sparse", "android-boot", "bmap", "trx", "dfu", "mcuboot"),
+    "raw",
+}
 
 #: A plausible start of each format, to push random tails past the sniffers.
 PREFIXES: dict[str, bytes] = {

@@ -9,8 +9,8 @@ import click
 from unbrick.cli.render import details_table, print_json, stdout_console
 from unbrick.errors import IntegrityError, SignatureError, UsageError
 from unbrick.formats.base import Limits
-from unbrick.formats.registry import FORMATS
 from unbrick.formats.raw import SPEC as RAW_SPEC
+from unbrick.formats.registry import FORMATS
 from unbrick.ops import images
 from unbrick.trust.verify import verify_file
 
@@ -36,15 +36,18 @@ def image() -> None:
 @click.option("--image", "companion", type=_path, help="Image described by a bmap file.")
 @click.option("--max-expanded", type=int, help="Bytes decompression may produce.")
 @click.option("--max-depth", type=int, help="Container nesting allowed.")
-def inspect(file: Path, as_json: bool, companion: Path | None, max_expanded: int | None,
-            max_depth: int | None) -> int:
+def inspect(
+    file: Path,
+    as_json: bool,
+    companion: Path | None,
+    max_expanded: int | None,
+    max_depth: int | None,
+) -> int:
     """Detect FILE's format by content and check it.
 
     Exit status: 0 valid, 1 parsed but invalid, other codes for refusals.
     """
-    report = images.inspect_path(
-        file, limits=_limits(max_expanded, max_depth), companion=companion
-    )
+    report = images.inspect_path(file, limits=_limits(max_expanded, max_depth), companion=companion)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -70,9 +73,16 @@ def inspect(file: Path, as_json: bool, companion: Path | None, max_expanded: int
 @click.option("--gpg-keyring", type=_path, help="OpenPGP keyring trusted for --sig.")
 @click.option("--cms-ca", type=_path, help="CA certificate (PEM) trusted for a CMS --sig.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify(file: Path, sha256: str | None, sums: Path | None, sig: Path | None,
-           minisign_key: Path | None, gpg_keyring: Path | None, cms_ca: Path | None,
-           as_json: bool) -> int:
+def verify(
+    file: Path,
+    sha256: str | None,
+    sums: Path | None,
+    sig: Path | None,
+    minisign_key: Path | None,
+    gpg_keyring: Path | None,
+    cms_ca: Path | None,
+    as_json: bool,
+) -> int:
     """Check FILE against checksums and signatures; exit 0 only if every check passed."""
     report = verify_file(
         file,
@@ -109,13 +119,20 @@ def verify(file: Path, sha256: str | None, sums: Path | None, sig: Path | None,
 @click.argument("file", type=_path)
 @click.option("-o", "--output", type=_path, required=True, help="Output file.")
 @click.option("--to", "target", type=click.Choice(images.TARGETS), required=True)
-@click.option("--block-size", type=int, default=4096, show_default=True,
-              help="Block size of a sparse output.")
-@click.option("--fill", type=str, default="0xff", show_default=True,
-              help="Byte for gaps between HEX/SREC/UF2/ELF segments.")
+@click.option(
+    "--block-size", type=int, default=4096, show_default=True, help="Block size of a sparse output."
+)
+@click.option(
+    "--fill",
+    type=str,
+    default="0xff",
+    show_default=True,
+    help="Byte for gaps between HEX/SREC/UF2/ELF segments.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def convert(file: Path, output: Path, target: str, block_size: int, fill: str,
-            as_json: bool) -> int:
+def convert(
+    file: Path, output: Path, target: str, block_size: int, fill: str, as_json: bool
+) -> int:
     """Expand FILE to raw, or turn a raw FILE into an Android sparse image."""
     try:
         fill_byte = int(fill, 0)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # noqa: BLE001 - last line of defence: one line, not a traceback
+    except Exception as e:
         return _fail(InternalError(f"unexpected {type(e).__name__}: {e}"))
     return rv if isinstance(rv, int) else 0
 

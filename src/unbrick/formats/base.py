@@ -100,8 +100,9 @@ class Source:
     Reads are positional (``read_at``) so that parsers never depend on a shared file position.
     """
 
-    def __init__(self, fileobj: BinaryIO, *, offset: int = 0, size: int | None = None,
-                 name: str = "") -> None:
+    def __init__(
+        self, fileobj: BinaryIO, *, offset: int = 0, size: int | None = None, name: str = ""
+    ) -> None:
         self._f = fileobj
         self.offset = offset
         if size is None:
@@ -136,8 +137,7 @@ class Source:
         """Exactly ``length`` bytes at ``offset``, or ImageError naming ``what`` as truncated."""
         if length > self.size or offset > self.size - length:
             raise ImageError(
-                f"{what} truncated: needs bytes {offset}..{offset + length}, "
-                f"file has {self.size}",
+                f"{what} truncated: needs bytes {offset}..{offset + length}, file has {self.size}",
                 offset=offset,
             )
         data = self.read_upto(offset, length)
@@ -145,8 +145,9 @@ class Source:
             raise ImageError(f"{what} truncated at offset {offset + len(data)}", offset=offset)
         return data
 
-    def chunks(self, offset: int = 0, length: int | None = None,
-               chunk: int = CHUNK) -> Iterator[bytes]:
+    def chunks(
+        self, offset: int = 0, length: int | None = None, chunk: int = CHUNK
+    ) -> Iterator[bytes]:
         """Stream ``length`` bytes from ``offset`` in pieces of at most ``chunk`` bytes."""
         if length is None:
             length = self.size - offset

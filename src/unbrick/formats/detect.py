@@ -18,7 +18,7 @@ def detect(sn: Sniff) -> FormatSpec:
         try:
             if spec.sniff(sn):
                 return spec
-        except Exception:  # noqa: BLE001 - a sniff must never decide by crashing
+        except Exception:
             continue
     return raw.SPEC
 

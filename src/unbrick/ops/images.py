@@ -191,8 +191,9 @@ def _layout_details(layout: RawLayout) -> dict[str, Any]:
     }
 
 
-def _to_raw(src: Source, fmt: str, out: BinaryIO, ctx: Context, *, fill: int,
-            workdir: Path) -> dict[str, Any]:
+def _to_raw(
+    src: Source, fmt: str, out: BinaryIO, ctx: Context, *, fill: int, workdir: Path
+) -> dict[str, Any]:
     """Write the raw image that ``src`` (of format ``fmt``) describes into ``out``."""
     if fmt == "android-sparse":
         sparse.expand(_SourceStream(src), out, ctx)
@@ -218,8 +219,9 @@ def _to_raw(src: Source, fmt: str, out: BinaryIO, ctx: Context, *, fill: int,
                 _copy(stream, spool)
                 spool.flush()
                 inner_src = Source(spool, name=f"{src.name} ({fmt} content)")
-                details = _to_raw(inner_src, inner_fmt, out, ctx.nested(), fill=fill,
-                                  workdir=workdir)
+                details = _to_raw(
+                    inner_src, inner_fmt, out, ctx.nested(), fill=fill, workdir=workdir
+                )
                 return {"inner_format": inner_fmt, **details}
         else:
             _copy(stream, out)
@@ -281,7 +283,7 @@ def convert_path(
     block_size: int = 4096,
     fill: int = 0xFF,
 ) -> ConvertReport:
-    """Convert ``src_path`` to ``target`` (``raw`` or ``sparse``), writing ``out_path`` atomically."""
+    """Convert ``src_path`` to ``target`` (``raw`` or ``sparse``); ``out_path`` is atomic."""
     if target not in TARGETS:
         raise UsageError(f"unknown target '{target}'", hint=f"use one of: {', '.join(TARGETS)}")
     if out_path.exists() and out_path.resolve() == src_path.resolve():

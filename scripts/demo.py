@@ -1,0 +1,191 @@
+"""`make demo`: generate a set of firmware images and let unbrick judge them.
+
+Everything here runs through the real `unbrick` command line. The demo stops with a non-zero
+status if any verdict differs from the expected one.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+ROOT = Path(__file__).resolve().parents[1]
+UNBRICK = str(ROOT / ".venv" / "bin" / "unbrick")
+OUT = ROOT / "demo-out"
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def unbrick(*args: str, expect: int) -> None:
+    shown = " ".join(a if " " not in a else repr(a) for a in args)
+    print(f"$ unbrick {shown}", flush=True)
+    proc = subprocess.run([UNBRICK, *args], check=False)
+    verdict = "as expected" if proc.returncode == expect else "UNEXPECTED"
+    print(f"  -> exit {proc.returncode} ({verdict})", flush=True)
+    if proc.returncode != expect:
+        raise SystemExit(f"demo: expected exit {expect}, got {proc.returncode}")
+
+
+def firmware_payload(size: int) -> bytes:
+    """Deterministic data that looks like a kernel: a header, code-like bytes, padding."""
+    body = hashlib.shake_256(b"unbrick demo kernel").digest(size - 4096)
+    return b"\x00" * 64 + b"DEMO-KERNEL v2.1.0\x00" + bytes(4096 - 83) + body
+
+
+def uimage(payload: bytes, name: str) -> bytes:
+    """A U-Boot legacy image: ARM Linux kernel, uncompressed, load/entry 0x80008000."""
+    dcrc = zlib.crc32(payload)
+    fields = [
+        0x27051956,
+        0,
+        int(time.time()),
+        len(payload),
+        0x80008000,
+        0x80008000,
+        dcrc,
+        5,
+        2,
+        2,
+        0,
+    ]  # os linux, arch arm, type kernel, compression none
+    hdr = struct.pack(">7I4B32s", *fields, name.encode()[:32])
+    hcrc = zlib.crc32(hdr)
+    return hdr[:4] + struct.pack(">I", hcrc) + hdr[8:] + payload
+
+
+def disk_image(path: Path) -> None:
+    """A 16 MiB SD-card-like image: a partition table sector, a boot area, a rootfs, holes."""
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+        f.write(b"\x00" * 446 + bytes.fromhex("0c") + b"\x00" * 15 + b"\x00" * 48 + b"\x55\xaa")
+        f.seek(1 << 20)
+        f.write(hashlib.shake_256(b"boot").digest(2 << 20))
+        f.seek(8 << 20)
+        f.write(b"\xff" * (1 << 20))
+        f.write(hashlib.shake_256(b"rootfs").digest(3 << 20))
+
+
+def minisign_keypair(directory: Path) -> tuple[Ed25519PrivateKey, bytes, Path]:
+    key = Ed25519PrivateKey.generate()
+    key_id = os.urandom(8)
+    pk = key.public_key().public_bytes_raw()
+    pub = directory / "vendor.pub"
+    pub.write_text(
+        f"untrusted comment: minisign public key {key_id[::-1].hex().upper()}\n"
+        + base64.b64encode(b"Ed" + key_id + pk).decode()
+        + "\n"
+    )
+    return key, key_id, pub
+
+
+def minisign_sign(key: Ed25519PrivateKey, key_id: bytes, file: Path) -> Path:
+    """A prehashed minisign signature (the format `minisign -S` writes)."""
+    digest = hashlib.blake2b(file.read_bytes(), digest_size=64).digest()
+    sig = key.sign(digest)
+    trusted = f"timestamp:{int(time.time())}\tfile:{file.name}\thashed"
+    global_sig = key.sign(sig + trusted.encode())
+    out = file.with_name(file.name + ".minisig")
+    out.write_text(
+        "untrusted comment: signature from the demo vendor key\n"
+        + base64.b64encode(b"ED" + key_id + sig).decode()
+        + "\n"
+        + f"trusted comment: {trusted}\n"
+        + base64.b64encode(global_sig).decode()
+        + "\n"
+    )
+    return out
+
+
+def main() -> int:
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir()
+    say(f"Generating sample images in {OUT.relative_to(ROOT)}/")
+    kernel = firmware_payload(1 << 20)
+    good = OUT / "router-fw.uimg"
+    good.write_bytes(uimage(kernel, "DemoRouter 2.1.0"))
+    truncated = OUT / "router-fw-truncated.uimg"
+    truncated.write_bytes(good.read_bytes()[:700_000])
+    (OUT / "router-fw.uimg.gz").write_bytes(gzip.compress(good.read_bytes(), mtime=0))
+    (OUT / "erased-flash.bin").write_bytes(b"\xff" * (256 << 10))
+    disk = OUT / "sdcard.img"
+    disk_image(disk)
+    for p in sorted(OUT.iterdir()):
+        print(f"  {p.name:28} {p.stat().st_size:>10} bytes")
+
+    say("Is this the right file, and is it intact? Inspect by content")
+    unbrick("image", "inspect", str(good), expect=0)
+    unbrick("image", "inspect", str(truncated), expect=1)
+    unbrick("image", "inspect", str(OUT / "router-fw.uimg.gz"), expect=0)
+    unbrick("image", "inspect", str(OUT / "erased-flash.bin"), expect=1)
+
+    say("Checksums and signatures: only keys you give are trusted")
+    sums = OUT / "SHA256SUMS"
+    sums.write_text(f"{hashlib.sha256(good.read_bytes()).hexdigest()}  {good.name}\n")
+    key, key_id, pub = minisign_keypair(OUT)
+    sig = minisign_sign(key, key_id, good)
+    unbrick(
+        "image",
+        "verify",
+        str(good),
+        "--sums",
+        str(sums),
+        "--sig",
+        str(sig),
+        "--minisign-key",
+        str(pub),
+        expect=0,
+    )
+    tampered = OUT / "router-fw-tampered.uimg"
+    data = bytearray(good.read_bytes())
+    data[200_000] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    shutil.copy(sig, tampered.with_name(tampered.name + ".minisig"))
+    unbrick(
+        "image",
+        "verify",
+        str(tampered),
+        "--sig",
+        str(tampered.with_name(tampered.name + ".minisig")),
+        "--minisign-key",
+        str(pub),
+        expect=6,
+    )
+    unbrick(
+        "image",
+        "verify",
+        str(tampered),
+        "--sha256",
+        hashlib.sha256(good.read_bytes()).hexdigest(),
+        expect=5,
+    )
+
+    say("Android sparse: convert a disk image and back, byte for byte")
+    simg = OUT / "sdcard.simg"
+    back = OUT / "sdcard-roundtrip.img"
+    unbrick("image", "convert", str(disk), "-o", str(simg), "--to", "sparse", expect=0)
+    unbrick("image", "inspect", str(simg), expect=0)
+    unbrick("image", "convert", str(simg), "-o", str(back), "--to", "raw", expect=0)
+    same = hashlib.sha256(disk.read_bytes()).digest() == hashlib.sha256(back.read_bytes()).digest()
+    print(f"  round trip identical: {same}")
+    if not same:
+        return 1
+
+    say("Demo finished: every verdict as expected")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
