@@ -20,6 +20,10 @@ Layouts (all base64 lines decode to little structures that start with a two-byte
   signature is over ``signature || trusted comment`` and makes the trusted comment tamper-proof.
 - signify/usign signature: the first two lines only, always ``Ed`` over the file itself.
 
+A legacy minisign signature cut after its second line is a valid signify signature of the same
+file by the same key: the layouts coincide. It is then reported as ``signify``, with no trusted
+comment, which is what it is; the trusted comment can be dropped that way but never altered.
+
 A prehashed signature needs one streaming pass over the file. Ed25519 over a whole file needs
 the whole message at once; it is mapped with ``mmap`` so a large image is not copied into memory.
 """
