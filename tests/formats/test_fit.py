@@ -805,6 +805,18 @@ def test_endless_nops_hit_the_record_limit() -> None:
         parse_fdt(blob, Limits(max_records=1000))
 
 
+def test_node_and_property_counts_are_bounded() -> None:
+    blob = raw_fdt(
+        tokens(begin(""), *[begin(f"n{i}") + END_NODE for i in range(20)], END_NODE, END)
+    )
+    assert parse_fdt(blob).node_count == 21
+    with pytest.raises(LimitError, match="more than 10 nodes"):
+        fdt.parse(Source.from_bytes(blob), Context(limits=SMALL), max_nodes=10)
+    blob = raw_fdt(tokens(begin(""), *[prop(0, b"v")] * 20, END_NODE, END))
+    with pytest.raises(LimitError, match="more than 10 properties"):
+        fdt.parse(Source.from_bytes(blob), Context(limits=SMALL), max_properties=10)
+
+
 def test_unterminated_reservation_map() -> None:
     blob = bytearray(build_fdt(SIMPLE))
     off_struct = struct.unpack_from(">I", blob, 8)[0]
@@ -939,6 +951,20 @@ def test_external_data_past_the_end_is_a_problem() -> None:
     f = inspect_fit(build_fdt(root))
     assert len(f.problems) == 1 and "is beyond the end of the file" in f.problems[0]
     assert f.details["images"][0]["hashes"][0]["ok"] is False
+
+
+def test_overlapping_image_data_is_bounded() -> None:
+    """Many image nodes pointing at the same range must not make hashing read it many times."""
+    pos = 4096
+    hashed: Node = ("hash-1", {"algo": cstr("crc32"), "value": u32(0)}, [])
+    nodes: list[Node] = [
+        (f"k{i}", {"data-position": u32(pos), "data-size": u32(60_000)}, [hashed])
+        for i in range(40)
+    ]
+    blob = build_fdt(("", {}, [("images", {}, nodes)]))
+    blob += bytes(pos - len(blob)) + os.urandom(60_000)
+    with pytest.raises(LimitError, match="overlap"):
+        inspect_fit(blob)
 
 
 def test_empty_images_node_is_a_problem() -> None:

@@ -400,6 +400,9 @@ def test_dfuse_too_many_targets_is_an_error() -> None:
 def test_dfuse_huge_element_count_is_an_error() -> None:
     payload = bytearray(dfuse_payload([(0, None, [(0, b"abcd")])]))
     struct.pack_into("<I", payload, 11 + 6 + 1 + 4 + 255 + 4, 0xFFFFFFFF)
+    with pytest.raises(ImageError, match="claims 4294967295 elements, more than 65536"):
+        parse_dfu(build_dfu(bytes(payload), bcd=0x11A))
+    struct.pack_into("<I", payload, 11 + 6 + 1 + 4 + 255 + 4, 5)
     with pytest.raises(ImageError, match="element 1 header"):
         parse_dfu(build_dfu(bytes(payload), bcd=0x11A))
 

@@ -413,10 +413,11 @@ def test_multi_leftover_bytes_are_a_warning() -> None:
     assert f.warnings == ["4 bytes of image data follow the last sub-image"]
 
 
-def test_huge_multi_table_is_bounded_by_the_data() -> None:
+def test_huge_multi_table_is_refused() -> None:
     payload = struct.pack(">I", 1) * 20000  # never terminated
     f = parse(build(payload, typ=4))
-    assert not f.valid
+    assert f.problems == ["sub-image size table lists more than 4096 entries"]
+    assert f.details["images"] == []
 
 
 def test_payload_format_is_detected() -> None:

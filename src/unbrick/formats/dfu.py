@@ -29,6 +29,8 @@ _SUFFIX = struct.Struct("<HHHH3sBI")
 _DFUSE_PREFIX = struct.Struct("<5sBIB")
 _TARGET = struct.Struct("<6sBI255sII")
 _ELEMENT = struct.Struct("<II")
+#: Elements per target accepted. Real files have a handful (one per flash region).
+MAX_ELEMENTS = 65536
 
 
 def bcd_text(value: int) -> str:
@@ -77,6 +79,12 @@ def _parse_dfuse(src: Source, ctx: Context, end: int, f: Findings) -> dict[str, 
         )
         if sig != b"Target":
             raise ImageError(f"DfuSe target {t} signature missing at offset {off}", offset=off)
+        if n_elements > MAX_ELEMENTS:
+            raise ImageError(
+                f"DfuSe target {t} at offset {off} claims {n_elements} elements, more than "
+                f"{MAX_ELEMENTS}",
+                offset=off,
+            )
         off += _TARGET.size
         start = off
         elements: list[dict[str, int]] = []

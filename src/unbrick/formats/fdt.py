@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from unbrick.errors import ImageError
+from unbrick.errors import ImageError, LimitError
 from unbrick.formats.base import Context, Counter, Source
 
 FDT_MAGIC = 0xD00DFEED
@@ -46,6 +46,12 @@ MAX_NAME = 1024
 INLINE_LIMIT = 4096
 #: Reservation map entries kept in the result (all are counted and checked).
 MAX_KEPT_RESERVATIONS = 256
+#: Bounds on the tree kept in memory. Board device trees have a few thousand nodes and FIT
+#: images a few dozen; a blob of millions of empty nodes is an attack on memory.
+MAX_NODES = 100_000
+MAX_PROPERTIES = 500_000
+#: Total bytes of property values kept inline; past it values are read on request.
+INLINE_BUDGET = 16 * 1024 * 1024
 _WINDOW = 64 * 1024
 
 
@@ -299,11 +305,14 @@ def parse(
     *,
     max_depth: int = MAX_DEPTH,
     inline_limit: int = INLINE_LIMIT,
+    max_nodes: int = MAX_NODES,
+    max_properties: int = MAX_PROPERTIES,
 ) -> Fdt:
     """Parse the device tree at the start of ``src``; raises ImageError when it is malformed.
 
     The tree may be followed by other data (a FIT with external data is); only its
-    ``totalsize`` bytes are read.
+    ``totalsize`` bytes are read. More than ``max_nodes`` nodes or ``max_properties``
+    properties raise LimitError.
     """
     hdr = parse_header(src.read_at(0, min(src.size, HEADER_SIZE_V17), "FDT header"))
     if hdr.totalsize > src.size:
@@ -322,7 +331,7 @@ def parse(
 
     root: FdtNode | None = None
     stack: list[FdtNode] = []
-    nodes = props = 0
+    nodes = props = inlined = 0
     off = hdr.off_dt_struct
     while True:
         counter.tick()
@@ -349,6 +358,8 @@ def parse(
                 root = node
             stack.append(node)
             nodes += 1
+            if nodes > max_nodes:
+                raise LimitError(f"FDT has more than {max_nodes} nodes", offset=off)
             off += 4 + ((len(raw) + 1 + 3) & ~3)
         elif token == FDT_END_NODE:
             if not stack:
@@ -377,11 +388,16 @@ def parse(
                     )
                 pname = _text(strings.cstring(hdr.off_dt_strings + nameoff, "FDT property name"))
                 names[nameoff] = pname
-            inline = win.get(value_off, length) if length <= inline_limit else None
+            inline = None
+            if length <= inline_limit and inlined + length <= INLINE_BUDGET:
+                inline = win.get(value_off, length)
+                inlined += length
             stack[-1].properties.setdefault(
                 pname, FdtProperty(name=pname, offset=value_off, size=length, inline=inline)
             )
             props += 1
+            if props > max_properties:
+                raise LimitError(f"FDT has more than {max_properties} properties", offset=off)
             off = value_off + ((length + 3) & ~3)
         elif token == FDT_NOP:
             off += 4

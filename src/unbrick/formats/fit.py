@@ -19,7 +19,7 @@ import hashlib
 import zlib
 from typing import Protocol
 
-from unbrick.errors import ImageError
+from unbrick.errors import ImageError, LimitError
 from unbrick.formats import fdt
 from unbrick.formats.base import Context, Findings, FormatSpec, Sniff, Source
 from unbrick.formats.uimage import inner_format
@@ -68,6 +68,22 @@ class _Crc16Ccitt:
 
     def digest(self) -> bytes:
         return self.crc.to_bytes(2, "big")
+
+
+class _Budget:
+    """Bytes that hash checks may read. Images of a real FIT do not overlap, so all of them
+    together read the file at most once; hostile image nodes that all point at the same large
+    range would otherwise make the check take hours."""
+
+    def __init__(self, file_size: int) -> None:
+        self.left = 2 * file_size + (1 << 20)
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise LimitError(
+                "FIT image data ranges overlap: hashing would read the file many times"
+            )
 
 
 def _hasher(algo: str) -> _Hasher | None:
@@ -143,6 +159,7 @@ def _check_hashes(
     image: fdt.FdtNode,
     data: tuple[int, int] | None,
     f: Findings,
+    budget: _Budget,
 ) -> list[dict[str, object]]:
     """Verify every hash node of ``image`` in one pass over its data."""
     results: list[dict[str, object]] = []
@@ -174,6 +191,7 @@ def _check_hashes(
             pending.append((entry, hasher, value))
     if pending and data is not None:
         offset, size = data
+        budget.spend(size)
         for chunk in tree.src.chunks(offset, size):
             ctx.check_time()
             for _, hasher, _ in pending:
@@ -190,7 +208,7 @@ def _check_hashes(
 
 
 def _image(
-    tree: fdt.Fdt, ctx: Context, node: fdt.FdtNode, f: Findings
+    tree: fdt.Fdt, ctx: Context, node: fdt.FdtNode, f: Findings, budget: _Budget
 ) -> tuple[dict[str, object], list[dict[str, object]]]:
     kind, offset, size = _data_range(tree, node, f)
     data: tuple[int, int] | None = None
@@ -216,7 +234,7 @@ def _image(
         "data_size": size,
         "format": inner_format(tree.src, *data) if data is not None else None,
     }
-    out["hashes"] = _check_hashes(tree, ctx, node, data, f)
+    out["hashes"] = _check_hashes(tree, ctx, node, data, f, budget)
     cipher = [c for c in node.children if c.name.startswith("cipher")]
     if cipher:
         out["cipher"] = _text(tree, cipher[0], "algo")
@@ -276,9 +294,10 @@ def inspect(src: Source, ctx: Context) -> Findings:
     d["timestamp"] = _int_prop(tree, tree.root, "timestamp", f)
     images: list[dict[str, object]] = []
     signatures: list[dict[str, object]] = []
+    budget = _Budget(src.size)
     for node in images_node.children:
         ctx.check_time()
-        image, sigs = _image(tree, ctx, node, f)
+        image, sigs = _image(tree, ctx, node, f, budget)
         images.append(image)
         signatures.extend(sigs)
     d["images"] = images

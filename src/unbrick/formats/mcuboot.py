@@ -283,6 +283,7 @@ def inspect(src: Source, ctx: Context) -> Findings:
             f.problem("no hash TLV (SHA256/SHA384/SHA512) in the TLV area")
     else:
         ok = True
+        digests: dict[str, bytes] = {}
         for t in hashed:
             algo = HASH_TLVS[t.kind]
             expected = hashlib.new(algo).digest_size
@@ -290,7 +291,9 @@ def inspect(src: Source, ctx: Context) -> Findings:
                 f.problem(f"{t.name} TLV is {t.length} bytes, expected {expected}")
                 ok = False
                 continue
-            digest = _digest(src, ctx, algo, image_end + prot_size)
+            if algo not in digests:
+                digests[algo] = _digest(src, ctx, algo, image_end + prot_size)
+            digest = digests[algo]
             if digest != t.value:
                 f.problem(
                     f"image hash mismatch ({t.name}): stored {t.value.hex()}, "

@@ -63,6 +63,8 @@ COMPRESSIONS: dict[int, str] = dict(
     enumerate(("none", "gzip", "bzip2", "lzma", "lzo", "lz4", "zstd"))
 )
 
+#: More sub-images than any real multi-file image has; bounds the table walk.
+MAX_SUB_IMAGES = 4096
 #: Types whose payload starts with a sub-image size table.
 _TABLE_TYPES = {4, 6}
 
@@ -127,6 +129,9 @@ def _sub_images(src: Source, ctx: Context, data_size: int, f: Findings) -> list[
                 terminated = True
                 break
             sizes.append(value)
+            if len(sizes) > MAX_SUB_IMAGES:
+                f.problem(f"sub-image size table lists more than {MAX_SUB_IMAGES} entries")
+                return []
     data_end = HEADER_SIZE + data_size
     out: list[dict[str, object]] = []
     off = pos
