@@ -642,3 +642,13 @@ def test_corrupt_checksum_srec_cat_and_we_agree(tmp_path: Path) -> None:
     err = f.details["checksum_errors"][0]
     assert err["found"] == int(lines[target - 1][-2:], 16)
     assert err["expected"] == int(line[-2:], 16)
+
+
+def test_iter_data_checks_the_file_first() -> None:
+    good = hexfile(rec(0, 0x10, b"\x01\x02"), rec(4, 0, b"\x00\x01"), rec(0, 0, b"\x03"), EOF)
+    assert list(ihex.iter_data(Source.from_bytes(good), Context())) == [
+        (0x10, b"\x01\x02"),
+        (0x10000, b"\x03"),
+    ]
+    with pytest.raises(ImageError, match="invalid Intel HEX file: line 1"):
+        list(ihex.iter_data(Source.from_bytes(hexfile(rec(0, 0, b"\x01", checksum=0))), Context()))

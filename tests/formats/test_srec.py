@@ -552,3 +552,13 @@ def test_count_mismatch_srec_cat_and_we_agree(tmp_path: Path) -> None:
     assert "3: data record count mismatch" in " ".join(proc.stderr.decode().split())
     f = srec.inspect(Source.from_bytes(p.read_bytes()), Context())
     assert f.problems == ["line 3: S5 record count says 3 data records, 1 came before it"]
+
+
+def test_iter_data_checks_the_file_first() -> None:
+    good = sfile(rec(1, 0x10, b"\x01\x02"), rec(3, 0x10000, b"\x03"), rec(9, 0))
+    assert list(srec.iter_data(Source.from_bytes(good), Context())) == [
+        (0x10, b"\x01\x02"),
+        (0x10000, b"\x03"),
+    ]
+    with pytest.raises(ImageError, match="invalid S-record file: line 1"):
+        list(srec.iter_data(Source.from_bytes(sfile(rec(1, 0, b"\x01", checksum=0))), Context()))

@@ -132,12 +132,14 @@ def test_write_uf2_round_trip_details() -> None:
 
 def test_writer_patches_block_count() -> None:
     out = io.BytesIO()
-    out.write(b"")
+    out.write(b"PRE")
     w = uf2.Uf2Writer(out, family_id=SAMD21, payload_size=256)
     w.data(0x2000, bytes(600))
     w.data(0x8000, b"\x01" * 4)
     assert w.close() == 4
-    f = parse(out.getvalue())
+    assert out.getvalue()[:3] == b"PRE"
+    assert out.tell() == 3 + 4 * 512
+    f = parse(out.getvalue()[3:])
     assert f.valid, f.problems
     assert f.details["num_blocks_declared"] == 4
     assert f.details["family_name"] == "SAMD21"
@@ -292,6 +294,10 @@ def test_mixed_families() -> None:
     assert raw == bytes([0]) * 256 + bytes([1]) * 256 + bytes([2]) * 256
     with pytest.raises(UsageError, match="no data for family"):
         convert(data, family_id=SAMD21)
+    pieces = list(uf2.iter_data(Source.from_bytes(data), Context(), family_id=0xE48BFF59))
+    assert pieces == [(0x10000000, b"\xaa" * 256), (0x10000100, b"\xaa" * 256)]
+    with pytest.raises(UsageError):
+        list(uf2.iter_data(Source.from_bytes(data), Context()))
 
 
 def test_missing_block_in_one_family_is_named() -> None:

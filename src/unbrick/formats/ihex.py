@@ -195,7 +195,15 @@ def inspect(src: Source, ctx: Context) -> Findings:
 
 
 def iter_data(src: Source, ctx: Context) -> Iterator[tuple[int, bytes]]:
-    """``(address, data)`` of every data record in file order. No checks: inspect first."""
+    """``(address, data)`` of every data record in file order, after checking the whole file
+    (ImageError when it is invalid)."""
+    f, _ = _analyse(src, ctx)
+    if f.problems:
+        raise ImageError(f"invalid Intel HEX file: {f.problems[0]}", format=NAME)
+    yield from _pieces(src, ctx)
+
+
+def _pieces(src: Source, ctx: Context) -> Iterator[tuple[int, bytes]]:
     for _, address, data in _Scan(src, ctx, None).pieces():
         yield address, data
 
@@ -214,7 +222,7 @@ def to_raw(
     f, cov = _analyse(src, ctx)
     if f.problems:
         raise ImageError(f"cannot convert an invalid Intel HEX file: {f.problems[0]}", format=NAME)
-    return write_raw(iter_data(src, ctx), cov.ranges, out, fill=fill, max_span=max_span)
+    return write_raw(_pieces(src, ctx), cov.ranges, out, fill=fill, max_span=max_span)
 
 
 def _record(rtype: int, offset: int, data: bytes) -> bytes:

@@ -21,7 +21,7 @@ DEFAULT_MAX_SPAN = 256 * MiB
 #: Separate (non-touching) address ranges one image may have; beyond this a file is hostile.
 MAX_RANGES = 100_000
 #: Bytes written more than once whose values are compared in a second pass.
-MAX_OVERLAP_BYTES = 64 * MiB
+MAX_OVERLAP_BYTES = 16 * MiB
 #: Problems kept in a report before the rest are only counted.
 MAX_PROBLEMS = 100
 #: Entries kept in long detail lists (missing blocks, checksum errors...).

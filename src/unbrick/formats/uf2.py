@@ -413,9 +413,26 @@ def to_raw(
     left out. A file holding images for several families needs ``family_id`` to pick one.
     Refuses invalid files (ImageError) and images spanning more than ``max_span`` (LimitError).
     """
+    group = _choose(src, ctx, family_id, "cannot convert an invalid UF2 file")
+    pieces = ((addr, data) for _, addr, data in _flash_pieces(src, ctx, group.family, False))
+    return write_raw(pieces, group.coverage.ranges, out, fill=fill, max_span=max_span)
+
+
+def iter_data(
+    src: Source, ctx: Context, *, family_id: int | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """``(address, payload)`` of the main-flash blocks of one family in file order, after
+    checking the whole file (ImageError when it is invalid; UsageError when several families
+    are present and ``family_id`` does not pick one)."""
+    group = _choose(src, ctx, family_id, "invalid UF2 file")
+    for _, address, data in _flash_pieces(src, ctx, group.family, False):
+        yield address, data
+
+
+def _choose(src: Source, ctx: Context, family_id: int | None, what: str) -> _Group:
     f, a = _analyse(src, ctx)
     if f.problems:
-        raise ImageError(f"cannot convert an invalid UF2 file: {f.problems[0]}", format=NAME)
+        raise ImageError(f"{what}: {f.problems[0]}", format=NAME)
     groups = {k: g for k, g in a.groups.items() if g.coverage.pieces}
     if family_id is not None:
         if family_id not in groups:
@@ -423,19 +440,16 @@ def to_raw(
             raise UsageError(
                 f"the file has no data for family {_hex_id(family_id)} (families: {have})"
             )
-        group = groups[family_id]
-    elif len(groups) > 1:
+        return groups[family_id]
+    if len(groups) > 1:
         have = ", ".join(_hex_id(k) if k is not None else "none" for k in groups)
         raise UsageError(
             f"the file holds images for several families ({have}); choose one",
             hint="pass family_id (--family) to pick the image to convert",
         )
-    elif groups:
-        group = next(iter(groups.values()))
-    else:
+    if not groups:
         raise ImageError("the UF2 file holds no main-flash data: nothing to convert", format=NAME)
-    pieces = ((addr, data) for _, addr, data in _flash_pieces(src, ctx, group.family, False))
-    return write_raw(pieces, group.coverage.ranges, out, fill=fill, max_span=max_span)
+    return next(iter(groups.values()))
 
 
 def _block(flags: int, address: int, payload: bytes, number: int, count: int, word: int) -> bytes:
