@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from unbrick.cli.render import details_table, print_json, stdout_console
-from unbrick.errors import IntegrityError, SignatureError, UsageError
+from unbrick.errors import ALL_ERRORS, IntegrityError, SignatureError, UnbrickError, UsageError
 from unbrick.formats.base import Limits
 from unbrick.formats.raw import SPEC as RAW_SPEC
 from unbrick.formats.registry import FORMATS
@@ -15,6 +15,8 @@ from unbrick.ops import images
 from unbrick.trust.verify import verify_file
 
 _path = click.Path(path_type=Path, dir_okay=False)
+_ERRORS_BY_NAME: dict[str, type[UnbrickError]] = {c.__name__: c for c in ALL_ERRORS}
+_SIGNATURE_CHECKS = frozenset({"minisign", "signify", "openpgp", "cms", "sums-openpgp"})
 
 
 def _limits(max_expanded: int | None, max_depth: int | None) -> Limits:
@@ -101,18 +103,20 @@ def verify(
             mark = "[green]ok[/]" if check.passed else "[red]FAILED[/]"
             weak = " [yellow](weak algorithm)[/]" if check.weak else ""
             con.print(f"{mark} {check.id}: {check.detail}{weak}")
+    for w in report.warnings:
+        click.echo(f"unbrick: warning: {w}", err=True)
     if report.ok:
         return 0
     failed = [c for c in report.checks if not c.passed]
-    first = failed[0] if failed else None
-    err: IntegrityError
-    if first is not None and first.id.startswith("signature"):
-        err = SignatureError(f"{file}: {first.id} failed: {first.detail}")
-    elif first is not None:
-        err = IntegrityError(f"{file}: {first.id} failed: {first.detail}")
-    else:
+    if not failed:
         raise UsageError("no check requested", hint="give --sha256, --sums or --sig with a key")
-    raise err
+    first = failed[0]
+    # The failed check's own error class decides the exit status (docs/exit-codes.md).
+    cls = _ERRORS_BY_NAME.get(first.error or "", IntegrityError)
+    if first.error is None and first.id in _SIGNATURE_CHECKS:
+        cls = SignatureError
+    more = f" (and {len(failed) - 1} more failed check(s))" if len(failed) > 1 else ""
+    raise cls(f"{file}: {first.id} check failed: {first.detail}{more}")
 
 
 @image.command()
