@@ -689,6 +689,38 @@ def raw_fdt(struct_block: bytes, strings: bytes = b"p\0") -> bytes:
     return build_fdt(SIMPLE, raw_struct=struct_block, raw_strings=strings)
 
 
+token_st = st.one_of(
+    node_names.map(begin),
+    st.just(END_NODE),
+    st.just(NOP),
+    st.just(END),
+    st.tuples(st.integers(0, 40), st.binary(max_size=16), st.integers(0, 2**32 - 1)).map(
+        lambda t: prop(t[0], t[1], t[2] if t[2] % 3 == 0 else None)
+    ),
+    st.integers(0, 2**32 - 1).map(u32),
+    st.binary(max_size=7),
+)
+
+
+@given(
+    stream=st.lists(token_st, max_size=40),
+    strings=st.binary(max_size=40),
+)
+@settings(max_examples=400, deadline=None)
+def test_fuzz_token_streams(stream: list[bytes], strings: bytes) -> None:
+    """Structure-aware fuzzing: random token sequences with random lengths and name offsets."""
+    blob = raw_fdt(b"".join(stream), strings=strings)
+    try:
+        tree = parse_fdt(blob)
+    except ImageError as e:
+        assert e.message
+        return
+    assert tree.node_count >= 1
+    for node in tree.walk():
+        for p in node.properties.values():
+            assert len(tree.value(p, 1 << 20)) == p.size
+
+
 def test_deep_nesting_is_refused() -> None:
     blob = raw_fdt(tokens(*[begin("n")] * 1000, *[END_NODE] * 1000, END))
     with pytest.raises(ImageError, match="nested deeper than 64 levels"):

@@ -206,6 +206,22 @@ def test_padded_slot_with_trailer(tmp_path: Path, keys: dict[str, Path]) -> None
 
 
 @pytest.mark.peer
+def test_input_with_room_for_the_header(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Without --pad-header imgtool writes the header over the first 0x200 (zero) bytes."""
+    body = os.urandom(777)
+    src = tmp_path / "in.bin"
+    src.write_bytes(bytes(0x200) + body)
+    out = tmp_path / "out.bin"
+    imgtool("sign", "--key", keys["ed25519"], "--header-size", "0x200", "--align", "8",
+            "--version", "1.2.3+4", "--slot-size", "0x10000", src, out)  # fmt: skip
+    f = parse(out.read_bytes())
+    assert f.valid and f.details["hash_ok"] is True
+    assert f.details["header"]["img_size"] == len(body)
+    rc, text = imgtool("verify", "-k", keys["ed25519"], out, check=False)
+    assert rc == 0, text
+
+
+@pytest.mark.peer
 def test_flags_from_imgtool(tmp_path: Path) -> None:
     out = sign(tmp_path, os.urandom(100), "--version", "1.0.0", "--load-addr", "0x20000000",
                "--non-bootable")  # fmt: skip
