@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import re
 import tracemalloc
@@ -652,3 +653,49 @@ def test_iter_data_checks_the_file_first() -> None:
     ]
     with pytest.raises(ImageError, match="invalid Intel HEX file: line 1"):
         list(ihex.iter_data(Source.from_bytes(hexfile(rec(0, 0, b"\x01", checksum=0))), Context()))
+
+
+# --- the shared range helpers (memmap), exercised here ---------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), max_size=40))
+def test_rangeset_matches_a_set_model(adds: list[tuple[int, int]]) -> None:
+    from unbrick.formats.memmap import RangeSet
+
+    rs = RangeSet()
+    model: set[int] = set()
+    for start, length in adds:
+        covered = rs.add(start, start + length)
+        assert sum(b - a for a, b in covered) == len(model & set(range(start, start + length)))
+        model |= set(range(start, start + length))
+        ranges = rs.ranges()
+        assert ranges == sorted(ranges)
+        assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(ranges))
+        assert {x for s, e in ranges for x in range(s, e)} == model
+        assert rs.total() == len(model)
+        probe = rs.intersect(start - 5, start + length + 5)
+        assert {x for s, e in probe for x in range(s, e)} == model & set(
+            range(start - 5, start + length + 5)
+        )
+
+
+def test_overlap_checker_partly_seen_range() -> None:
+    from unbrick.formats.memmap import OverlapChecker, RangeSet
+
+    overlaps = RangeSet()
+    overlaps.add(10, 20)
+    chk = OverlapChecker(overlaps)
+    assert chk.feed(10, b"\x01" * 5) is None  # bytes 10..14 seen
+    assert chk.feed(12, b"\x01" * 8) is None  # mixed: 12..14 agree, 15..19 new
+    assert chk.feed(8, b"\x00" * 2 + b"\x01" * 9 + b"\x02") == 19
+    assert chk.feed(0, b"\x07" * 40) == 10
+
+
+def test_too_many_scattered_ranges_is_a_limit_error() -> None:
+    from unbrick.formats import memmap
+
+    rs = memmap.RangeSet()
+    with pytest.raises(LimitError, match="separate address ranges"):
+        for i in range(memmap.MAX_RANGES + 1):
+            rs.add(2 * i, 2 * i + 1)
