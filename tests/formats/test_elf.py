@@ -4,6 +4,7 @@ objcopy; hand-built damage; round trips and fuzzing."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import subprocess
@@ -378,6 +379,7 @@ def _check_parse(data: bytes) -> None:
         f = parse(data)
     except ImageError:
         return
+    json.dumps(f.details)
     assert isinstance(f.details["segments"], list)
 
 

@@ -4,6 +4,7 @@ srecord."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import re
 import subprocess
@@ -353,6 +354,7 @@ def _check_parse(data: bytes) -> None:
         f = parse(data)
     except ImageError:
         return
+    json.dumps(f.details)
     assert isinstance(f.details["segments"], list)
     assert isinstance(f.details["record_count"], int)
 

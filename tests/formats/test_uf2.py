@@ -8,6 +8,7 @@ parser.
 from __future__ import annotations
 
 import io
+import json
 import random
 import struct
 
@@ -520,6 +521,7 @@ def _check_parse(data: bytes) -> None:
         f = parse(data)
     except ImageError:
         return
+    json.dumps(f.details)
     assert isinstance(f.details["ranges"], list)
     assert isinstance(f.details["missing_blocks"], list)
 

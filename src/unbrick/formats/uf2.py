@@ -113,7 +113,6 @@ class _Group:
     duplicates: list[int] = field(default_factory=list)
     duplicate_count: int = 0
     coverage: Coverage = field(default_factory=Coverage)
-    first_block: int = 0
 
 
 class _Block:
@@ -212,7 +211,7 @@ class _Analysis:
 
 
 def _flash_pieces(
-    src: Source, ctx: Context, family: int | None, any_family: bool
+    src: Source, ctx: Context, family: int | None
 ) -> Iterator[tuple[int, int, bytes]]:
     """``(block index, address, payload)`` of the good main-flash blocks of one family."""
     for index, raw in _iter_blocks(src, ctx):
@@ -221,7 +220,7 @@ def _flash_pieces(
         blk = _Block(index, raw)
         if blk.flags & (FLAG_FILE_CONTAINER | FLAG_NOT_MAIN_FLASH) or not blk.size:
             continue
-        if any_family or blk.family == family:
+        if blk.family == family:
             yield index, blk.address, blk.payload
 
 
@@ -247,7 +246,7 @@ def _analyse(src: Source, ctx: Context) -> tuple[Findings, _Analysis]:
         key = None if is_file else blk.family
         group = a.groups.get(key)
         if group is None:
-            group = a.groups[key] = _Group(family=key, first_block=index)
+            group = a.groups[key] = _Group(family=key)
         group.blocks += 1
         if group.num_blocks is None:
             group.num_blocks = blk.num_blocks
@@ -326,7 +325,7 @@ def _missing_and_overlaps(src: Source, ctx: Context, a: _Analysis, report: Repor
             report.warning(f"{group.duplicate_count} blocks{label} appear more than once")
         if len(group.coverage.overlaps):
             check_overlaps(
-                _flash_pieces(src, ctx, group.family, False),
+                _flash_pieces(src, ctx, group.family),
                 group.coverage.overlaps,
                 report,
                 "block",
@@ -414,7 +413,7 @@ def to_raw(
     Refuses invalid files (ImageError) and images spanning more than ``max_span`` (LimitError).
     """
     group = _choose(src, ctx, family_id, "cannot convert an invalid UF2 file")
-    pieces = ((addr, data) for _, addr, data in _flash_pieces(src, ctx, group.family, False))
+    pieces = ((addr, data) for _, addr, data in _flash_pieces(src, ctx, group.family))
     return write_raw(pieces, group.coverage.ranges, out, fill=fill, max_span=max_span)
 
 
@@ -425,7 +424,7 @@ def iter_data(
     checking the whole file (ImageError when it is invalid; UsageError when several families
     are present and ``family_id`` does not pick one)."""
     group = _choose(src, ctx, family_id, "invalid UF2 file")
-    for _, address, data in _flash_pieces(src, ctx, group.family, False):
+    for _, address, data in _flash_pieces(src, ctx, group.family):
         yield address, data
 
 
