@@ -1,8 +1,9 @@
 """Intel HEX: text records of data at 16-bit offsets, with segment (type 02) or linear (type 04)
 extended addresses and a start address (type 03 or 05).
 
-Addressing follows the Intel specification and srecord: with a segment base, data offsets wrap
-within the 64 KiB segment; with a linear base, addresses wrap modulo 4 GiB.
+Addressing follows srecord (checked against srec_info): with a segment base, data offsets wrap
+within the 64 KiB segment (but segment + offset is not wrapped at 1 MiB as the 8086 would); with
+a linear base, addresses wrap modulo 4 GiB as the specification says.
 """
 
 from __future__ import annotations
