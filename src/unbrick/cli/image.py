@@ -9,6 +9,7 @@ import click
 from unbrick.cli.render import details_table, print_json, stdout_console
 from unbrick.errors import ALL_ERRORS, IntegrityError, SignatureError, UnbrickError, UsageError
 from unbrick.formats.base import Limits
+from unbrick.formats.memmap import DEFAULT_MAX_SPAN
 from unbrick.formats.raw import SPEC as RAW_SPEC
 from unbrick.formats.registry import FORMATS
 from unbrick.ops import images
@@ -17,6 +18,16 @@ from unbrick.trust.verify import verify_file
 _path = click.Path(path_type=Path, dir_okay=False)
 _ERRORS_BY_NAME: dict[str, type[UnbrickError]] = {c.__name__: c for c in ALL_ERRORS}
 _SIGNATURE_CHECKS = frozenset({"minisign", "signify", "openpgp", "cms", "sums-openpgp"})
+
+
+def _int_option(name: str, text: str, lo: int, hi: int) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise UsageError(f"{name} {text!r} is not a number from {lo:#x} to {hi:#x}")
+    return value
 
 
 def _limits(max_expanded: int | None, max_depth: int | None) -> Limits:
@@ -133,18 +144,45 @@ def verify(
     show_default=True,
     help="Byte for gaps between HEX/SREC/UF2/ELF segments.",
 )
+@click.option(
+    "--max-span",
+    type=int,
+    default=DEFAULT_MAX_SPAN,
+    show_default=True,
+    help="Largest address span a HEX/SREC/UF2/ELF file may expand to.",
+)
+@click.option("--family", type=str, help="UF2 family id to extract (e.g. 0xe48bff56).")
+@click.option("--max-expanded", type=int, help="Bytes decompression may produce.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def convert(
-    file: Path, output: Path, target: str, block_size: int, fill: str, as_json: bool
+    file: Path,
+    output: Path,
+    target: str,
+    block_size: int,
+    fill: str,
+    max_span: int,
+    family: str | None,
+    max_expanded: int | None,
+    as_json: bool,
 ) -> int:
-    """Expand FILE to raw, or turn a raw FILE into an Android sparse image."""
-    try:
-        fill_byte = int(fill, 0)
-    except ValueError:
-        fill_byte = -1
-    if not 0 <= fill_byte <= 255:
-        raise UsageError(f"--fill {fill!r} is not a byte value", hint="use e.g. 0xff or 0")
-    report = images.convert_path(file, output, target, block_size=block_size, fill=fill_byte)
+    """Expand FILE to raw, or turn a raw FILE into an Android sparse image.
+
+    raw accepts Android sparse, Intel HEX, S-record, UF2, ELF and gzip/xz/zstd/bzip2
+    (of any of these). The output is written to a temporary file and renamed into place
+    only when complete.
+    """
+    fill_byte = _int_option("--fill", fill, 0, 0xFF)
+    family_id = _int_option("--family", family, 0, 0xFFFFFFFF) if family else None
+    if block_size < 4 or block_size % 4 or block_size > 1 << 24:
+        raise UsageError(f"--block-size {block_size} is not a multiple of 4 up to 16 MiB")
+    report = images.convert_path(
+        file,
+        output,
+        target,
+        limits=_limits(max_expanded, None),
+        block_size=block_size,
+        raw_options=images.RawOptions(fill=fill_byte, max_span=max_span, family_id=family_id),
+    )
     if as_json:
         print_json(report.to_dict())
     else:

@@ -15,7 +15,7 @@ from unbrick.errors import SourceError, UsageError
 from unbrick.formats import compress, elf, ihex, sparse, srec, uf2
 from unbrick.formats.base import CHUNK, HEAD_SIZE, Context, Limits, Source, Stream
 from unbrick.formats.detect import detect, detect_head, inspect_source, sniff_source
-from unbrick.formats.memmap import RawLayout
+from unbrick.formats.memmap import DEFAULT_MAX_SPAN, RawLayout
 from unbrick.trust import digests
 
 log = logging.getLogger(__name__)
@@ -191,21 +191,39 @@ def _layout_details(layout: RawLayout) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RawOptions:
+    """How address-based formats (HEX, S-record, UF2, ELF) become a flat image."""
+
+    #: Byte written into gaps between segments.
+    fill: int = 0xFF
+    #: Largest address span written; a HEX file spanning 4 GiB is refused, not written.
+    max_span: int = DEFAULT_MAX_SPAN
+    #: UF2 family to extract when a file holds several.
+    family_id: int | None = None
+
+
 def _to_raw(
-    src: Source, fmt: str, out: BinaryIO, ctx: Context, *, fill: int, workdir: Path
+    src: Source, fmt: str, out: BinaryIO, ctx: Context, opts: RawOptions, workdir: Path
 ) -> dict[str, Any]:
     """Write the raw image that ``src`` (of format ``fmt``) describes into ``out``."""
     if fmt == "android-sparse":
         sparse.expand(_SourceStream(src), out, ctx)
         return {}
     if fmt == "ihex":
-        return _layout_details(ihex.to_raw(src, out, ctx, fill=fill))
+        layout = ihex.to_raw(src, out, ctx, fill=opts.fill, max_span=opts.max_span)
+        return _layout_details(layout)
     if fmt == "srec":
-        return _layout_details(srec.to_raw(src, out, ctx, fill=fill))
+        layout = srec.to_raw(src, out, ctx, fill=opts.fill, max_span=opts.max_span)
+        return _layout_details(layout)
     if fmt == "uf2":
-        return _layout_details(uf2.to_raw(src, out, ctx, fill=fill))
+        layout = uf2.to_raw(
+            src, out, ctx, fill=opts.fill, max_span=opts.max_span, family_id=opts.family_id
+        )
+        return _layout_details(layout)
     if fmt == "elf":
-        return _layout_details(elf.to_raw(src, out, ctx, fill=fill))
+        layout = elf.to_raw(src, out, ctx, fill=opts.fill, max_span=opts.max_span)
+        return _layout_details(layout)
     if fmt in COMPRESSED:
         inner = compress.open_decompressor(fmt, _SourceStream(src), ctx, compressed_size=src.size)
         head = _read_head(inner)
@@ -219,9 +237,7 @@ def _to_raw(
                 _copy(stream, spool)
                 spool.flush()
                 inner_src = Source(spool, name=f"{src.name} ({fmt} content)")
-                details = _to_raw(
-                    inner_src, inner_fmt, out, ctx.nested(), fill=fill, workdir=workdir
-                )
+                details = _to_raw(inner_src, inner_fmt, out, ctx.nested(), opts, workdir)
                 return {"inner_format": inner_fmt, **details}
         else:
             _copy(stream, out)
@@ -281,7 +297,7 @@ def convert_path(
     *,
     limits: Limits | None = None,
     block_size: int = 4096,
-    fill: int = 0xFF,
+    raw_options: RawOptions | None = None,
 ) -> ConvertReport:
     """Convert ``src_path`` to ``target`` (``raw`` or ``sparse``); ``out_path`` is atomic."""
     if target not in TARGETS:
@@ -289,6 +305,7 @@ def convert_path(
     if out_path.exists() and out_path.resolve() == src_path.resolve():
         raise UsageError("output would overwrite the input", hint="choose another -o path")
     ctx = Context(limits=limits or Limits())
+    opts = raw_options or RawOptions()
     workdir = out_path.parent if str(out_path.parent) else Path()
     with open_image(src_path) as f:
         src = Source(f, name=str(src_path))
@@ -296,7 +313,7 @@ def convert_path(
         details: dict[str, Any]
         with _atomic_output(out_path) as out:
             if target == "raw":
-                details = _to_raw(src, fmt, out, ctx, fill=fill, workdir=workdir)
+                details = _to_raw(src, fmt, out, ctx, opts, workdir)
             elif fmt == "raw":
                 stats = sparse.write_sparse(src, out, ctx, block_size=block_size)
                 details = stats.to_dict()
@@ -304,7 +321,7 @@ def convert_path(
                 raise UsageError(f"{src_path} is already an Android sparse image")
             else:
                 with tempfile.TemporaryFile(dir=workdir) as tmp:
-                    details = _to_raw(src, fmt, tmp, ctx, fill=fill, workdir=workdir)
+                    details = _to_raw(src, fmt, tmp, ctx, opts, workdir)
                     tmp.flush()
                     stats = sparse.write_sparse(Source(tmp), out, ctx, block_size=block_size)
                     details.update(stats.to_dict())
@@ -329,6 +346,7 @@ __all__ = [
     "TO_RAW",
     "ConvertReport",
     "ImageReport",
+    "RawOptions",
     "companion_for",
     "convert_path",
     "inspect_path",
