@@ -242,6 +242,26 @@ def test_bad_crc_chunk_is_a_problem_and_stops_expansion() -> None:
 
 
 @pytest.mark.unit
+def test_crc_over_large_chunks_runs_beside_the_writes() -> None:
+    """Pieces of 256 KiB and more are summed on a helper thread; the result is the same."""
+    big = random.Random(8).randbytes(3 << 20)
+    expanded = big + b"\x10\x20\x30\x40" * 1024 * 2000 + bytes(900 * BS)
+    crc = zlib.crc32(expanded)
+    for delta in (0, 1):
+        body = [raw_chunk(big), fill_chunk(b"\x10\x20\x30\x40", 2000), skip_chunk(900)]
+        data = image([*body, crc_chunk(crc ^ delta), raw_chunk(big)])
+        limits = Limits(max_expanded_bytes=64 << 20)
+        assert inspect(data, limits).valid is (delta == 0)
+        out = io.BytesIO()
+        if delta:
+            with pytest.raises(IntegrityError):
+                sparse.expand(io.BytesIO(data), out, Context(limits=limits))
+        else:
+            sparse.expand(io.BytesIO(data), out, Context(limits=limits))
+            assert out.getvalue() == expanded + big
+
+
+@pytest.mark.unit
 def test_header_image_checksum_checked_when_non_zero() -> None:
     body = [raw_chunk(b"\x5a" * BS), fill_chunk(b"\x00\x00\x00\x07", 2)]
     expanded = b"\x5a" * BS + b"\x00\x00\x00\x07" * 2048

@@ -33,12 +33,14 @@ import struct
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from unbrick.errors import ImageError, IntegrityError, LimitError, UsageError
 from unbrick.formats.base import Context, Counter, Findings, FormatSpec, MiB, Sniff, Source, Stream
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 FORMAT = "android-sparse"
 MAGIC = 0xED26FF3A
@@ -256,6 +258,8 @@ class _RunningCrc:
             self._step(zeros, piece, pattern, n)
             return
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only when needed
+
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-crc")
         while len(self._pending) >= 2:
             self._pending.popleft().result()
@@ -1171,7 +1175,8 @@ def split_sparse(
     ``src`` is an Android sparse image (its chunks are kept, a RAW chunk split where needed) or
     a raw image (classified as by ``write_sparse`` with ``block_size``). Each piece declares the
     whole image's block count; blocks outside it are DONT_CARE. The pieces' exact sizes are
-    known before any is written; write them with ``SparsePiece.write``.
+    known before any is written; write them with ``SparsePiece.write``. CRC32 chunks of a
+    sparse input are not carried over (``inspect`` checks them).
     """
     if src.size >= FILE_HEADER_SIZE and _sniff(Sniff(src.head(FILE_HEADER_SIZE), b"", src.size)):
         layout = scan_sparse(src, ctx)
