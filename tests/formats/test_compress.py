@@ -29,7 +29,7 @@ from unbrick.formats.nested import ExpansionBudget, inspect_stream
 
 MiB = 1 << 20
 FAST = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 SMALL = Limits(max_expanded_bytes=16 * MiB, max_records=500_000, max_seconds=20.0)
 
 

@@ -544,14 +544,14 @@ def _scan_cpio(stream: Stream, ctx: Context, f: Findings, budget: ExpansionBudge
                 format="cpio",
                 offset=off,
             )
+        if len(magic) < 6:
+            raise ImageError(f"cpio header at offset {off} truncated", format="cpio", offset=off)
         try:
             fmt, length, align = _cpio_kind(magic)
         except KeyError:
             raise ImageError(
                 f"cpio header at offset {off}: bad magic {magic!r}", format="cpio", offset=off
             ) from None
-        if len(magic) < 6:
-            raise ImageError(f"cpio header at offset {off} truncated", format="cpio", offset=off)
         d["cpio_format"] = d["cpio_format"] or fmt
         h = _cpio_header(magic, rd.read_exact(length, f"cpio header at offset {off}"), off)
         namesize, filesize = h["namesize"], h["filesize"]
@@ -778,21 +778,11 @@ def _zip_directory(src: Source, ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"entries": None if zip64 or entries == 0xFFFF else entries}
     out["zip64"] = zip64
     if zip64:
-        loc = tail[i - 20 : i]
-        rec_at = struct.unpack_from("<Q", loc, 8)[0]
-        rec = src.read_upto(rec_at, 56) if rec_at < src.size else b""
-        if len(rec) == 56 and rec[:4] == b"PK\x06\x06":
-            entries64, cd_size = struct.unpack_from("<QQ", rec, 32)
-            if entries64 > ctx.limits.max_members:
-                raise LimitError(
-                    f"zip declares {entries64} members, more than {ctx.limits.max_members} "
-                    "(max_members)"
-                )
+        # Where zipfile looks for it: right before the locator.
         eocd_at -= 56 + 20
-    elif entries > ctx.limits.max_members:
-        raise LimitError(
-            f"zip declares {entries} members, more than {ctx.limits.max_members} (max_members)"
-        )
+        rec = src.read_upto(eocd_at, 56) if eocd_at >= 0 else b""
+        if len(rec) == 56 and rec[:4] == b"PK\x06\x06":
+            cd_size = struct.unpack_from("<Q", rec, 40)[0]
     # Count the headers zipfile will read (the same start, allowing for prepended data).
     pos = eocd_at - cd_size
     end = eocd_at
@@ -1015,6 +1005,7 @@ def _inspect_zip(src: Source, ctx: Context) -> Findings:
             entry["encrypted"] = True
         data_off = located.get(i)
         body: Stream | None = None
+        added = False
         try:
             if data_off is not None and kind in ("file", "symlink"):
                 body = _zip_body(src, zi, data_off, entry, ctx, budget, f)
@@ -1025,12 +1016,13 @@ def _inspect_zip(src: Source, ctx: Context) -> Findings:
                     f.problem(f"member '{name}': symlink target longer than {_MAX_LINK} bytes")
                 entry["link_target"] = _text(target[:_MAX_LINK])
             listing.add(entry)
+            added = True
             if body is not None and kind == "file":
                 listing.content(entry, body, zi.file_size)
         except LimitError:
             raise
         except ImageError as e:
-            if entry not in listing.members:
+            if not added:
                 listing.add(entry)
             f.problem(e.message if name in e.message else f"member '{name}': {e.message}")
     return f
