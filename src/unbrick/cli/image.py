@@ -6,17 +6,16 @@ from pathlib import Path
 
 import click
 
-from unbrick.cli.render import details_table, print_json, stdout_console
 from unbrick.errors import ALL_ERRORS, IntegrityError, SignatureError, UnbrickError, UsageError
 from unbrick.formats.base import Limits
 from unbrick.formats.memmap import DEFAULT_MAX_SPAN
-from unbrick.formats.raw import SPEC as RAW_SPEC
-from unbrick.formats.registry import FORMATS
-from unbrick.ops import images
-from unbrick.trust.verify import verify_file
+
+# The heavier modules (parsers, crypto, rich) are imported inside each command so that a
+# command starts quickly: `image convert` on a large file is measured against C tools.
 
 _path = click.Path(path_type=Path, dir_okay=False)
 _ERRORS_BY_NAME: dict[str, type[UnbrickError]] = {c.__name__: c for c in ALL_ERRORS}
+_TARGETS = ("raw", "sparse")
 _SIGNATURE_CHECKS = frozenset({"minisign", "signify", "openpgp", "cms", "sums-openpgp"})
 
 
@@ -60,6 +59,9 @@ def inspect(
 
     Exit status: 0 valid, 1 parsed but invalid, other codes for refusals.
     """
+    from unbrick.cli.render import details_table, print_json, stdout_console
+    from unbrick.ops import images
+
     report = images.inspect_path(file, limits=_limits(max_expanded, max_depth), companion=companion)
     if as_json:
         print_json(report.to_dict())
@@ -97,6 +99,9 @@ def verify(
     as_json: bool,
 ) -> int:
     """Check FILE against checksums and signatures; exit 0 only if every check passed."""
+    from unbrick.cli.render import print_json, stdout_console
+    from unbrick.trust.verify import verify_file
+
     report = verify_file(
         file,
         sha256=sha256,
@@ -133,7 +138,7 @@ def verify(
 @image.command()
 @click.argument("file", type=_path)
 @click.option("-o", "--output", type=_path, required=True, help="Output file.")
-@click.option("--to", "target", type=click.Choice(images.TARGETS), required=True)
+@click.option("--to", "target", type=click.Choice(_TARGETS), required=True)
 @click.option(
     "--block-size", type=int, default=4096, show_default=True, help="Block size of a sparse output."
 )
@@ -153,6 +158,7 @@ def verify(
 )
 @click.option("--family", type=str, help="UF2 family id to extract (e.g. 0xe48bff56).")
 @click.option("--max-expanded", type=int, help="Bytes decompression may produce.")
+@click.option("--hash", "hash_output", is_flag=True, help="Report the output's SHA-256.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def convert(
     file: Path,
@@ -163,6 +169,7 @@ def convert(
     max_span: int,
     family: str | None,
     max_expanded: int | None,
+    hash_output: bool,
     as_json: bool,
 ) -> int:
     """Expand FILE to raw, or turn a raw FILE into an Android sparse image.
@@ -171,6 +178,9 @@ def convert(
     (of any of these). The output is written to a temporary file and renamed into place
     only when complete.
     """
+    from unbrick.cli.render import print_json, stdout_console
+    from unbrick.ops import images
+
     fill_byte = _int_option("--fill", fill, 0, 0xFF)
     family_id = _int_option("--family", family, 0, 0xFFFFFFFF) if family else None
     if block_size < 4 or block_size % 4 or block_size > 1 << 24:
@@ -182,6 +192,7 @@ def convert(
         limits=_limits(max_expanded, None),
         block_size=block_size,
         raw_options=images.RawOptions(fill=fill_byte, max_span=max_span, family_id=family_id),
+        hash_output=hash_output,
     )
     if as_json:
         print_json(report.to_dict())
@@ -189,7 +200,7 @@ def convert(
         con = stdout_console()
         con.print(
             f"{report.source} ({report.source_format}) -> {report.output} ({report.target}), "
-            f"{report.size} bytes, sha256 {report.sha256}"
+            f"{report.size} bytes" + (f", sha256 {report.sha256}" if report.sha256 else "")
         )
     return 0
 
@@ -197,6 +208,10 @@ def convert(
 @image.command(name="formats")
 def list_formats() -> int:
     """List the formats unbrick recognises."""
+    from unbrick.cli.render import stdout_console
+    from unbrick.formats.raw import SPEC as RAW_SPEC
+    from unbrick.formats.registry import FORMATS
+
     con = stdout_console()
     for spec in (*FORMATS, RAW_SPEC):
         con.print(f"[bold]{spec.name:15}[/] {spec.summary}")

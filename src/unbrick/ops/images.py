@@ -64,7 +64,8 @@ class ConvertReport:
     output: str
     target: str
     size: int
-    sha256: str
+    #: SHA-256 of the output, when asked for (it costs a second read of the output).
+    sha256: str | None
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +299,7 @@ def convert_path(
     limits: Limits | None = None,
     block_size: int = 4096,
     raw_options: RawOptions | None = None,
+    hash_output: bool = False,
 ) -> ConvertReport:
     """Convert ``src_path`` to ``target`` (``raw`` or ``sparse``); ``out_path`` is atomic."""
     if target not in TARGETS:
@@ -325,10 +327,11 @@ def convert_path(
                     tmp.flush()
                     stats = sparse.write_sparse(Source(tmp), out, ctx, block_size=block_size)
                     details.update(stats.to_dict())
-            out.seek(0)
             size = out.seek(0, os.SEEK_END)
-            out.seek(0)
-            sha = digests.hash_stream(out, ["sha256"])["sha256"]
+            sha: str | None = None
+            if hash_output:
+                out.seek(0)
+                sha = digests.hash_stream(out, ["sha256"])["sha256"]
     return ConvertReport(
         source=str(src_path),
         source_format=fmt,
