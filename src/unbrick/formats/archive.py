@@ -622,9 +622,14 @@ def _scan_cpio(stream: Stream, ctx: Context, f: Findings, budget: ExpansionBudge
             listing.add(entry)
         elif kind == "file":
             listing.add(entry)
-            summed = _Summing(Window(rd, filesize, what))
+            window = Window(rd, filesize, what)
+            if fmt != "crc":
+                listing.content(entry, window, filesize)
+                rd.skip(data_pad, "cpio archive")
+                continue
+            summed = _Summing(window)
             listing.content(entry, summed, filesize)
-            if fmt == "crc" and summed.total & 0xFFFFFFFF != h["check"]:
+            if summed.total & 0xFFFFFFFF != h["check"]:
                 f.problem(
                     f"member '{name}': checksum mismatch, header 0x{h['check']:08x}, "
                     f"data sums to 0x{summed.total & 0xFFFFFFFF:08x}"
@@ -824,9 +829,14 @@ class _Checked:
         self._done = False
 
     def read(self, n: int = -1, /) -> bytes:
+        if n < 0:
+            parts = []
+            while data := self.read(CHUNK):
+                parts.append(data)
+            return b"".join(parts)
         if self._done:
             return b""
-        data = self._s.read(n if n >= 0 else CHUNK)
+        data = self._s.read(n)
         if data:
             self.size += len(data)
             if self.size > self._declared:

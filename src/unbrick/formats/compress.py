@@ -517,7 +517,7 @@ class _Xz(_Pumped):
                 if not head:
                     raise ImageError("xz stream is empty", format="xz", offset=0)
                 raise ImageError(f"not an xz stream: magic {head[:6].hex()}", format="xz")
-            self._finish(padding, padding == 0 or False)
+            self._finish(padding)
             return False
         if padding % 4:
             raise ImageError(

@@ -193,11 +193,11 @@ class Window:
         self._what = what
 
     def read(self, n: int = -1, /) -> bytes:
+        if n < 0:
+            return read_full(self, self.left)
         if self.left <= 0:
             return b""
-        if n < 0 or n > self.left:
-            n = min(self.left, CHUNK)
-        data = self._s.read(n)
+        data = self._s.read(min(n, self.left))
         if not data:
             raise ImageError(
                 f"{self._what} truncated: {self.left} of its {self.length} bytes are missing"
