@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +16,26 @@ MiB = 1 << 20
 RSS_LIMIT_KIB = 150 * 1024
 
 
+# Linux keeps the peak RSS across fork and exec, so a child forked straight from a large
+# test worker would report the worker's size. A small intermediate Python process forks the
+# measured command and reports that grandchild's own peak.
+_MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def peak_rss_kib(argv: list[str]) -> tuple[int, int]:
     """Run ``argv``; return its exit status and its own peak resident set size in KiB."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert proc.returncode == 0, err
-    return proc.returncode, usage.ru_maxrss
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *argv], capture_output=True, check=False, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    code, rss = (int(x) for x in proc.stdout.split())
+    assert code == 0, proc.stderr.decode()
+    return code, rss
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,9 @@ def verify(
     if first.error is None and first.id in _SIGNATURE_CHECKS:
         cls = SignatureError
     more = f" (and {len(failed) - 1} more failed check(s))" if len(failed) > 1 else ""
-    raise cls(f"{file}: {first.id} check failed: {first.detail}{more}")
+    # Signature check details already say what to do; checksum details only state the facts.
+    hint = "" if cls is SignatureError else None
+    raise cls(f"{file}: {first.id} check failed: {first.detail}{more}", hint=hint)
 
 
 @image.command()

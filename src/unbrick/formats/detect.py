@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from unbrick.errors import ImageError, LimitError
 from unbrick.formats import raw
 from unbrick.formats.base import HEAD_SIZE, TAIL_SIZE, Context, Findings, FormatSpec, Sniff, Source
 from unbrick.formats.registry import FORMATS
+
+log = logging.getLogger(__name__)
 
 
 def sniff_source(src: Source) -> Sniff:
@@ -18,8 +22,8 @@ def detect(sn: Sniff) -> FormatSpec:
         try:
             if spec.sniff(sn):
                 return spec
-        except Exception:
-            continue
+        except Exception:  # a sniffer bug must not stop detection; tests keep them total
+            log.exception("sniffer of %s raised", spec.name)
     return raw.SPEC
 
 
