@@ -10,6 +10,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -793,3 +794,52 @@ def test_longer_headers_versus_simg2img(tmp_path: Path) -> None:
     (tmp_path / "ext.simg").write_bytes(data)
     run(["simg2img", tmp_path / "ext.simg", tmp_path / "ext.raw"])
     assert (tmp_path / "ext.raw").read_bytes() == expand(data)
+
+
+class _NoSeek(io.RawIOBase):
+    """A write-only stream that cannot seek (a pipe, a socket)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.buf += bytes(b)
+        return len(b)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["zero", "fill", "data", "ff"]), st.integers(1, 40)),
+        max_size=12,
+    ),
+    st.integers(0, 4095),
+    st.sampled_from([1024, 4096]),
+    st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_one_pass_writer_equals_two_pass_writer(
+    spec: list[tuple[str, int]], tail: int, bs: int, dont_care: bool
+) -> None:
+    parts = []
+    for i, (kind, n) in enumerate(spec):
+        if kind == "zero":
+            parts.append(bytes(n * bs))
+        elif kind == "ff":
+            parts.append(b"\xff" * (n * bs))
+        elif kind == "fill":
+            parts.append(b"\x01\x02\x03\x04" * (n * bs // 4))
+        else:
+            parts.append(bytes([i + 1, 7, 9]) * (n * bs // 3) + bytes(n * bs % 3))
+    raw = b"".join(parts) + bytes(range(256))[: tail % 256] * (tail // 256 + 1)
+    raw = raw[: len(raw) - (len(raw) % bs) + tail % bs] if raw else raw
+    seekable = io.BytesIO()
+    pipe = _NoSeek()
+    kw: dict[str, Any] = {"block_size": bs, "zeros_as_dont_care": dont_care}
+    s1 = sparse.write_sparse(Source.from_bytes(raw), seekable, Context(), **kw)
+    s2 = sparse.write_sparse(Source.from_bytes(raw), pipe, Context(), **kw)  # type: ignore[arg-type]
+    assert seekable.getvalue() == bytes(pipe.buf)
+    assert s1 == s2
+    assert expand(seekable.getvalue()) == padded(raw, bs)

@@ -180,7 +180,7 @@ def convert(
     (of any of these). The output is written to a temporary file and renamed into place
     only when complete.
     """
-    from unbrick.cli.render import print_json, stdout_console
+    from unbrick.cli.render import print_json
     from unbrick.ops import images
 
     fill_byte = _int_option("--fill", fill, 0, 0xFF)
@@ -199,8 +199,7 @@ def convert(
     if as_json:
         print_json(report.to_dict())
     else:
-        con = stdout_console()
-        con.print(
+        click.echo(
             f"{report.source} ({report.source_format}) -> {report.output} ({report.target}), "
             f"{report.size} bytes" + (f", sha256 {report.sha256}" if report.sha256 else "")
         )

@@ -9,6 +9,8 @@ bounds each read, so a hostile length field cannot make a parser allocate or han
 from __future__ import annotations
 
 import io
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -132,6 +134,84 @@ class Source:
         length = min(length, self.size - offset)
         self._f.seek(self.offset + offset)
         return self._f.read(length)
+
+    def readinto_at(self, offset: int, buf: bytearray | memoryview, what: str = "data") -> None:
+        """Fill ``buf`` exactly from ``offset`` (no allocation: for hot loops over big files)."""
+        length = len(buf)
+        if length > self.size or offset < 0 or offset > self.size - length:
+            raise ImageError(
+                f"{what} truncated: needs bytes {offset}..{offset + length}, file has {self.size}",
+                offset=offset,
+            )
+        view = memoryview(buf)
+        self._f.seek(self.offset + offset)
+        got = 0
+        while got < length:
+            n = self._f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise ImageError(f"{what} truncated at offset {offset + got}", offset=offset)
+            got += n
+
+    def prefetch(
+        self, offset: int, length: int, chunk: int = 4 * MiB, what: str = "data"
+    ) -> Iterator[bytearray]:
+        """Stream ``length`` bytes from ``offset`` while a helper thread reads ahead.
+
+        Two buffers alternate: each yielded buffer is valid only until the next one is asked
+        for (consume it, or copy it, before advancing). Reading overlaps the caller's work,
+        which matters on big images where copying from the page cache costs as much as the
+        work itself. The source must not be read by anyone else meanwhile.
+        """
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ImageError(
+                f"range {offset}..{offset + length} is outside the file (size {self.size})",
+                offset=offset,
+            )
+        if length <= chunk:
+            if length:
+                yield bytearray(self.read_at(offset, length, what))
+            return
+        free: queue.Queue[bytearray | None] = queue.Queue()
+        filled: queue.Queue[tuple[bytearray, BaseException | None] | None] = queue.Queue()
+        for _ in range(2):
+            free.put(bytearray(chunk))
+        end = offset + length
+
+        def reader() -> None:
+            pos = offset
+            while pos < end:
+                buf = free.get()
+                if buf is None:
+                    return
+                n = min(chunk, end - pos)
+                if n < chunk:  # the last, short piece gets a buffer of its own size
+                    buf = bytearray(n)
+                try:
+                    self.readinto_at(pos, buf, what)
+                except BaseException as e:  # handed to the consumer, re-raised there
+                    filled.put((buf, e))
+                    return
+                filled.put((buf, None))
+                pos += n
+            filled.put(None)
+
+        thread = threading.Thread(target=reader, name="unbrick-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = filled.get()
+                if item is None:
+                    return
+                buf, err = item
+                if err is not None:
+                    raise err
+                yield buf
+                if len(buf) == chunk:
+                    free.put(buf)
+        finally:
+            free.put(None)
+            free.put(None)
+            thread.join()
 
     def read_at(self, offset: int, length: int, what: str = "data") -> bytes:
         """Exactly ``length`` bytes at ``offset``, or ImageError naming ``what`` as truncated."""

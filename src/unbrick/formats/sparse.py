@@ -896,7 +896,9 @@ def _sample_offsets(bs: int) -> tuple[int, ...]:
     return tuple(sorted(o for o in offsets if 0 <= o <= bs - 5))
 
 
-def _classify(buf: bytes, bs: int, samples: tuple[int, ...]) -> list[tuple[int, int, bytes | None]]:
+def _classify(
+    buf: bytes | bytearray, bs: int, samples: tuple[int, ...]
+) -> list[tuple[int, int, bytes | None]]:
     """Runs (first, count, pattern or None) of the whole blocks of ``buf``.
 
     A block is a FILL block when it repeats its first 4 bytes. Sampled word pairs of all blocks
@@ -930,12 +932,12 @@ def _classify(buf: bytes, bs: int, samples: tuple[int, ...]) -> list[tuple[int, 
             add(pos, j - pos, None)
         s, e = j * bs, k * bs
         if buf.startswith(view[s : e - 4], s + 4):
-            add(j, k - j, buf[s : s + 4])
+            add(j, k - j, bytes(buf[s : s + 4]))
         else:
             for b in range(j, k):
                 s = b * bs
                 if buf.startswith(view[s : s + bs - 4], s + 4):
-                    add(b, 1, buf[s : s + 4])
+                    add(b, 1, bytes(buf[s : s + 4]))
                 else:
                     add(b, 1, None)
         pos = k
@@ -1162,8 +1164,147 @@ def write_sparse(
     DONT_CARE instead. ``out`` is written sequentially and need not seek. The image is read
     twice: once to classify blocks, once to copy RAW data.
     """
+    if _seekable(out):
+        return _OnePassWriter(src, out, ctx, block_size, zeros_as_dont_care).run()
     layout = scan_raw(src, ctx, block_size=block_size, zeros_as_dont_care=zeros_as_dont_care)
     return _write_runs(layout, layout.runs, out, ctx)
+
+
+class _OnePassWriter:
+    """``write_sparse`` for a seekable output: classify and copy in one read of the image.
+
+    Chunks are emitted as runs end, with the same merging rules as ``scan_raw`` (so the output
+    is identical to the two-pass path and to img2simg's). A RAW chunk's header is written as a
+    placeholder and patched when the run ends; the file header's chunk count last.
+    """
+
+    def __init__(
+        self, src: Source, out: BinaryIO, ctx: Context, bs: int, zeros_as_dont_care: bool
+    ) -> None:
+        _check_block_size(bs)
+        self.src, self.out, self.ctx, self.bs = src, out, ctx, bs
+        self.zeros_as_dont_care = zeros_as_dont_care
+        self.total = -(-src.size // bs)
+        if self.total > _U32:
+            raise UsageError(
+                f"the image has {self.total} blocks of {bs} bytes; the format allows {_U32}"
+            )
+        self.stats = SparseStats(block_size=bs, total_blocks=self.total)
+        self.counter = Counter(ctx, "sparse chunks")
+        self.max_raw = _MAX_RAW_BYTES // bs
+        self.chunks = 0
+        # The open run: kind "raw" | "fill" | "skip" | "" (none), first block, block count.
+        self.kind = ""
+        self.first = 0
+        self.count = 0
+        self.pattern = b""
+        self.raw_header_at = 0
+
+    def run(self) -> SparseStats:
+        src, bs = self.src, self.bs
+        self.start = self.out.tell()
+        self.out.write(bytes(FILE_HEADER_SIZE))
+        samples = _sample_offsets(bs)
+        step = max(bs, (_IO // bs) * bs)
+        whole = (src.size // bs) * bs
+        offset = 0
+        # Buffers are reused: RAW data is written out before the next buffer is asked for.
+        for buf in src.prefetch(0, whole, step, "image data"):
+            view = memoryview(buf)
+            base = offset // bs
+            offset += len(buf)
+            for first, count, pattern in _classify(buf, bs, samples):
+                self.add(base + first, count, pattern, view[first * bs : (first + count) * bs])
+            self.ctx.check_time()
+        if whole < src.size:  # the partial last block: RAW, padded with zeros
+            tail = src.read_at(whole, src.size - whole, "image data")
+            self.add(whole // bs, 1, None, memoryview(tail + bytes(bs - len(tail))))
+        self.close_run()
+        at = self.first + self.count if self.kind else 0
+        if at < self.total:
+            self.open_skip(at, self.total - at)
+            self.close_run()
+        end = self.out.tell()
+        self.out.seek(self.start)
+        self.out.write(
+            FILE_HEADER.pack(
+                MAGIC,
+                MAJOR_VERSION,
+                0,
+                FILE_HEADER_SIZE,
+                CHUNK_HEADER_SIZE,
+                bs,
+                self.total,
+                self.chunks,
+                0,
+            )
+        )
+        self.out.seek(end)
+        self.stats.output_size = end - self.start
+        return self.stats
+
+    def add(self, first: int, count: int, pattern: bytes | None, data: memoryview) -> None:
+        if pattern == b"\0\0\0\0" and self.zeros_as_dont_care:
+            kind = "skip"
+        else:
+            kind = "raw" if pattern is None else "fill"
+        at = self.first + self.count if self.kind else 0
+        if first > at:
+            if self.kind == "skip":
+                self.count += first - at
+            else:
+                self.close_run()
+                self.open_skip(at, first - at)
+        if self.kind == kind and (kind == "skip" or (kind == "fill" and pattern == self.pattern)):
+            self.count += count
+            return
+        if kind == "raw":
+            if self.kind == "raw" and self.count < self.max_raw:
+                take = min(count, self.max_raw - self.count)
+                self.out.write(data[: take * self.bs])
+                self.count += take
+                first, count, data = first + take, count - take, data[take * self.bs :]
+            while count:
+                self.close_run()
+                take = min(count, self.max_raw)
+                self.kind, self.first, self.count = "raw", first, take
+                self.raw_header_at = self.out.tell()
+                self.out.write(bytes(CHUNK_HEADER_SIZE))
+                self.out.write(data[: take * self.bs])
+                first, count, data = first + take, count - take, data[take * self.bs :]
+            return
+        self.close_run()
+        self.kind, self.first, self.count = kind, first, count
+        self.pattern = pattern or b""
+
+    def open_skip(self, first: int, count: int) -> None:
+        self.kind, self.first, self.count = "skip", first, count
+
+    def close_run(self) -> None:
+        kind, count, out = self.kind, self.count, self.out
+        if not kind:
+            return
+        self.counter.tick()
+        self.chunks += 1
+        if kind == "raw":
+            end = out.tell()
+            out.seek(self.raw_header_at)
+            out.write(CHUNK_HEADER.pack(CHUNK_RAW, 0, count, CHUNK_HEADER_SIZE + count * self.bs))
+            out.seek(end)
+            self.stats.raw_chunks += 1
+            self.stats.raw_blocks += count
+        elif kind == "fill":
+            out.write(CHUNK_HEADER.pack(CHUNK_FILL, 0, count, CHUNK_HEADER_SIZE + 4))
+            out.write(self.pattern)
+            self.stats.fill_chunks += 1
+            self.stats.fill_blocks += count
+        else:
+            out.write(CHUNK_HEADER.pack(CHUNK_DONT_CARE, 0, count, CHUNK_HEADER_SIZE))
+            self.stats.dont_care_chunks += 1
+            self.stats.dont_care_blocks += count
+        # The next run starts where this one ended; keep first+count for gap detection.
+        self.first, self.count = self.first + count, 0
+        self.kind = "closed"
 
 
 def split_sparse(
