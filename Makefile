@@ -36,7 +36,7 @@ contracts: setup
 	$(BIN)/lint-imports
 
 pytest: setup
-	$(BIN)/pytest -m "not hardware" -n auto
+	$(BIN)/pytest -m "not hardware" -n auto --cov=unbrick --cov-report=term:skip-covered --cov-fail-under=85
 
 test: deps setup lint typecheck contracts pytest
 
