@@ -15,7 +15,7 @@ from unbrick.formats.memmap import DEFAULT_MAX_SPAN
 
 _path = click.Path(path_type=Path, dir_okay=False)
 _ERRORS_BY_NAME: dict[str, type[UnbrickError]] = {c.__name__: c for c in ALL_ERRORS}
-_TARGETS = ("raw", "sparse")
+_TARGETS = ("raw", "sparse", "ihex", "srec", "uf2")
 _SIGNATURE_CHECKS = frozenset({"minisign", "signify", "openpgp", "cms", "sums-openpgp"})
 
 
@@ -158,7 +158,11 @@ def verify(
     show_default=True,
     help="Largest address span a HEX/SREC/UF2/ELF file may expand to.",
 )
-@click.option("--family", type=str, help="UF2 family id to extract (e.g. 0xe48bff56).")
+@click.option("--family", type=str, help="UF2 family id to extract or write (e.g. 0xe48bff56).")
+@click.option(
+    "--base", "base", type=str, help="Address of the first byte of a HEX/SREC/UF2 output."
+)
+@click.option("--entry", type=str, help="Entry point written into a HEX/SREC output.")
 @click.option("--max-expanded", type=int, help="Bytes decompression may produce.")
 @click.option("--hash", "hash_output", is_flag=True, help="Report the output's SHA-256.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -170,11 +174,13 @@ def convert(
     fill: str,
     max_span: int,
     family: str | None,
+    base: str | None,
+    entry: str | None,
     max_expanded: int | None,
     hash_output: bool,
     as_json: bool,
 ) -> int:
-    """Expand FILE to raw, or turn a raw FILE into an Android sparse image.
+    """Expand FILE to raw, or write it as Android sparse, Intel HEX, S-record or UF2.
 
     raw accepts Android sparse, Intel HEX, S-record, UF2, ELF and gzip/xz/zstd/bzip2
     (of any of these). The output is written to a temporary file and renamed into place
@@ -185,6 +191,8 @@ def convert(
 
     fill_byte = _int_option("--fill", fill, 0, 0xFF)
     family_id = _int_option("--family", family, 0, 0xFFFFFFFF) if family else None
+    base_address = _int_option("--base", base, 0, 0xFFFFFFFF) if base else None
+    entry_point = _int_option("--entry", entry, 0, 0xFFFFFFFF) if entry else None
     if block_size < 4 or block_size % 4 or block_size > 1 << 24:
         raise UsageError(f"--block-size {block_size} is not a multiple of 4 up to 16 MiB")
     report = images.convert_path(
@@ -193,7 +201,13 @@ def convert(
         target,
         limits=_limits(max_expanded, None),
         block_size=block_size,
-        raw_options=images.RawOptions(fill=fill_byte, max_span=max_span, family_id=family_id),
+        raw_options=images.RawOptions(
+            fill=fill_byte,
+            max_span=max_span,
+            family_id=family_id,
+            base_address=base_address,
+            entry=entry_point,
+        ),
         hash_output=hash_output,
     )
     if as_json:

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 COMPRESSED = ("gzip", "xz", "zstd", "bzip2")
 #: Formats ``convert --to raw`` expands, and the targets ``convert`` writes.
 TO_RAW = ("android-sparse", "ihex", "srec", "uf2", "elf", *COMPRESSED)
-TARGETS = ("raw", "sparse")
+TARGETS = ("raw", "sparse", "ihex", "srec", "uf2")
+#: Targets that place a flat image at an address.
+ADDRESSED = ("ihex", "srec", "uf2")
 
 
 @dataclass
@@ -200,8 +202,13 @@ class RawOptions:
     fill: int = 0xFF
     #: Largest address span written; a HEX file spanning 4 GiB is refused, not written.
     max_span: int = DEFAULT_MAX_SPAN
-    #: UF2 family to extract when a file holds several.
+    #: UF2 family to extract when a file holds several, or to write into a UF2 output.
     family_id: int | None = None
+    #: Address of the first byte when writing HEX/S-record/UF2 (default: the input's own
+    #: lowest address, or 0 for a raw input).
+    base_address: int | None = None
+    #: Entry point written into a HEX/S-record output.
+    entry: int | None = None
 
 
 def _to_raw(
@@ -267,6 +274,38 @@ class _SourceStream:
         return data
 
 
+def _write_addressed(raw: Source, target: str, out: BinaryIO, base: int, opts: RawOptions) -> int:
+    if target == "ihex":
+        return ihex.write_ihex(raw, out, base, opts.entry)
+    if target == "srec":
+        return srec.write_srec(raw, out, base, opts.entry)
+    return uf2.write_uf2(raw, out, base_address=base, family_id=opts.family_id)
+
+
+def _to_addressed(
+    src: Source,
+    fmt: str,
+    target: str,
+    out: BinaryIO,
+    ctx: Context,
+    opts: RawOptions,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Write ``src`` as Intel HEX, S-records or UF2, going through a raw image if needed."""
+    if fmt == "raw":
+        base = opts.base_address if opts.base_address is not None else 0
+        records = _write_addressed(src, target, out, base, opts)
+        return {"base_address": base, "records": records}
+    with tempfile.TemporaryFile(dir=workdir) as tmp:
+        details = _to_raw(src, fmt, tmp, ctx, opts, workdir)
+        tmp.flush()
+        at = opts.base_address
+        if at is None:
+            at = int(details.get("base_address", 0))
+        records = _write_addressed(Source(tmp), target, out, at, opts)
+    return {**details, "base_address": at, "records": records}
+
+
 @contextlib.contextmanager
 def _atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A temp file beside ``path``, fsynced and renamed over it only on success."""
@@ -301,7 +340,11 @@ def convert_path(
     raw_options: RawOptions | None = None,
     hash_output: bool = False,
 ) -> ConvertReport:
-    """Convert ``src_path`` to ``target`` (``raw`` or ``sparse``); ``out_path`` is atomic."""
+    """Convert ``src_path`` to ``target`` (one of TARGETS); ``out_path`` is written atomically.
+
+    ``raw`` expands any format of ``TO_RAW``; ``sparse`` writes an Android sparse image;
+    ``ihex``, ``srec`` and ``uf2`` place the (expanded) image at an address.
+    """
     if target not in TARGETS:
         raise UsageError(f"unknown target '{target}'", hint=f"use one of: {', '.join(TARGETS)}")
     if out_path.exists() and out_path.resolve() == src_path.resolve():
@@ -316,6 +359,8 @@ def convert_path(
         with _atomic_output(out_path) as out:
             if target == "raw":
                 details = _to_raw(src, fmt, out, ctx, opts, workdir)
+            elif target in ADDRESSED:
+                details = _to_addressed(src, fmt, target, out, ctx, opts, workdir)
             elif fmt == "raw":
                 stats = sparse.write_sparse(src, out, ctx, block_size=block_size)
                 details = stats.to_dict()
@@ -344,6 +389,7 @@ def convert_path(
 
 
 __all__ = [
+    "ADDRESSED",
     "COMPRESSED",
     "TARGETS",
     "TO_RAW",
