@@ -1,0 +1,1 @@
+"""Pure data of the workbench: device addresses, identities, profiles, manifests."""

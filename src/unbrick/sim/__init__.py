@@ -1,0 +1,1 @@
+"""Virtual devices: flash model, boot chain, fault injection, recovery interfaces."""

@@ -1,0 +1,1 @@
+"""Device transports: capability protocols, drivers, and the registry that opens them."""

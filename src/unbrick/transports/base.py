@@ -1,0 +1,120 @@
+"""Capabilities a device driver may offer, one small Protocol each.
+
+A driver declares the capabilities it has (``Device.capabilities``) instead of raising
+NotImplementedError; the engine plans with what is there (device-side hash or read-back, A/B
+boot control or backup-and-restore). All offsets are absolute byte offsets in the device's
+storage. Drivers raise TransportError/DeviceError (unbrick.errors) and nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from unbrick.model.identity import DeviceIdentity
+from unbrick.model.uri import DeviceAddress
+
+
+class Capability(enum.Enum):
+    IDENTIFY = "identify"
+    READ = "read"
+    ERASE = "erase"
+    WRITE = "write"
+    DEVICE_HASH = "device-hash"
+    REBOOT = "reboot"
+    BOOT_CONTROL = "boot-control"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True)
+class BootReport:
+    """What the device showed while booting after a reboot."""
+
+    #: Console/log text of the boot (trimmed by the driver to a sensible size).
+    log: str
+    #: "firmware" (running), "bootloader" (stopped in recovery), "dead" (no answer).
+    state: str
+    firmware_version: str | None = None
+    booted_slot: str | None = None
+
+
+@dataclass(frozen=True)
+class BootState:
+    """A/B boot control state (U-Boot-style environment)."""
+
+    active_slot: str
+    #: Slot the bootloader tries next once (upgrade_available), or None.
+    trial_slot: str | None = None
+    bootcount: int = 0
+    bootlimit: int = 3
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Identify(Protocol):
+    def identify(self) -> DeviceIdentity: ...
+
+
+@runtime_checkable
+class FlashRead(Protocol):
+    #: Largest ``length`` one read may ask for.
+    max_transfer: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+@runtime_checkable
+class FlashErase(Protocol):
+    def erase(self, offset: int, length: int) -> None:
+        """Erase whole erase blocks covering ``offset``..``offset+length`` (aligned)."""
+        ...
+
+
+@runtime_checkable
+class FlashWrite(Protocol):
+    max_transfer: int
+
+    def program(self, offset: int, data: bytes) -> None:
+        """Program erased flash; addressed and idempotent on erased blocks."""
+        ...
+
+
+@runtime_checkable
+class DeviceHash(Protocol):
+    def device_hash(self, offset: int, length: int, algorithm: str = "sha256") -> str:
+        """Hex digest computed by the device itself."""
+        ...
+
+
+@runtime_checkable
+class Reboot(Protocol):
+    def reboot(self, timeout_s: float) -> BootReport:
+        """Reset the device and report its boot (waits up to ``timeout_s``)."""
+        ...
+
+    def enter_recovery(self, timeout_s: float) -> None:
+        """Bring a running device back into its bootloader/recovery mode."""
+        ...
+
+
+@runtime_checkable
+class BootControl(Protocol):
+    def boot_state(self) -> BootState: ...
+
+    def set_trial(self, slot: str) -> None:
+        """Boot ``slot`` once on the next reset (the bootloader falls back after bootlimit)."""
+        ...
+
+    def commit(self, slot: str) -> None:
+        """Make ``slot`` the active slot and clear the trial state."""
+        ...
+
+
+class Device(Protocol):
+    """An open device: what a driver returns. Capability methods come from the Protocols."""
+
+    address: DeviceAddress
+    capabilities: frozenset[Capability]
+
+    def close(self) -> None: ...
