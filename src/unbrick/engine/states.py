@@ -88,6 +88,8 @@ def _build() -> dict[JobState, frozenset[JobState]]:
     # resume re-enters the phase it found (re-writing is idempotent; never silent: journaled).
     for state in _TOUCHED - TERMINAL:
         table[state].add(state)
+    # An interrupted backup is taken again from the start.
+    table[JobState.BACKUP].add(JobState.BACKUP)
     # A failed rollback can be resumed into another rollback attempt.
     table[JobState.UNRECOVERED].add(JobState.ROLLING_BACK)
     return {s: frozenset(t) for s, t in table.items()}

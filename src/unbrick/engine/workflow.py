@@ -1,0 +1,954 @@
+"""The safe flash workflow: plan, preflight, backup, write, verify, reboot, validate, commit.
+
+``Workbench`` is the library entry point a CLI or a flash station calls. It holds no global
+state: the job store, backup vault, profiles, device opener, event sink and work directory are
+given to it. Every step is journaled before it runs (``JobStore.begin_step``) so ``resume`` can
+pick up a job interrupted by a crash, a kill or a power cut, re-reading the device first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from unbrick.engine import backup as backups
+from unbrick.engine.events import Event, EventSink, Progress, progress_event
+from unbrick.engine.states import JobState, transition
+from unbrick.engine.store import JobRecord, JobStore, new_job_id
+from unbrick.engine.vault import BackupVault
+from unbrick.engine.writer import ImageData, Target, bad_ranges, verify_range, write_range
+from unbrick.errors import (
+    DeviceError,
+    JobError,
+    PreflightError,
+    RolledBack,
+    SourceError,
+    TransportError,
+    UnbrickError,
+    UsageError,
+    VerifyError,
+)
+from unbrick.model.identity import DeviceIdentity
+from unbrick.model.manifest import Manifest, parse_manifest
+from unbrick.model.profile import Profile, Region
+from unbrick.model.profile_toml import ProfileSet
+from unbrick.model.uri import DeviceAddress, parse_device_uri
+from unbrick.ops.images import TO_RAW, RawOptions, convert_path, inspect_path
+from unbrick.safety import checks
+from unbrick.transports.base import (
+    BootControl,
+    BootReport,
+    Capability,
+    Device,
+    Identify,
+    Reboot,
+)
+from unbrick.trust.verify import VerifyReport, verify_file
+
+log = logging.getLogger(__name__)
+
+#: Image formats written to flash as they are (the device's bootloader reads them).
+FLASHABLE_AS_IS = ("raw", "uimage", "fit", "trx", "android-boot", "mcuboot", "elf")
+
+
+@dataclass(frozen=True)
+class IntegrityRequest:
+    """Checks requested on the image file (see ``unbrick image verify``)."""
+
+    sha256: str | None = None
+    sums: Path | None = None
+    signature: Path | None = None
+    minisign_key: Path | None = None
+    gpg_keyring: Path | None = None
+    cms_ca: Path | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.sha256, self.sums, self.signature))
+
+
+@dataclass(frozen=True)
+class FlashRequest:
+    image: Path
+    region: str | None = None
+    offset: int | None = None
+    #: Profile id to use instead of matching the device's identity.
+    profile_id: str | None = None
+    manifest: Path | None = None
+    integrity: IntegrityRequest = field(default_factory=IntegrityRequest)
+    allow_downgrade: bool = False
+    allow_critical: bool = False
+    #: check id -> reason, for ``--force CHECK_ID --reason TEXT``.
+    forced: tuple[tuple[str, str], ...] = ()
+    operator: str = ""
+    #: "full" (whole storage) or "target" (only what will be written).
+    backup_scope: str = "full"
+
+
+@dataclass
+class Plan:
+    """What a flash job will do, and what the checks said. ``--dry-run`` prints this."""
+
+    device_uri: str
+    identity: DeviceIdentity
+    profile: Profile
+    target: Target
+    slot: str | None
+    image_path: Path
+    image_format: str
+    image_sha256: str
+    image_size: int
+    flash_path: Path
+    manifest: Manifest | None
+    #: Version the first boot must report (from the manifest).
+    expect_version: str | None
+    preflight: checks.PreflightResult
+    steps: list[str]
+    estimate_s: float
+    forced: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return self.preflight.refusal() is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device_uri,
+            "identity": self.identity.to_dict(),
+            "profile": self.profile.id,
+            "target": {
+                "region": self.target.region,
+                "offset": self.target.offset,
+                "size": self.target.size,
+                "slot": self.slot,
+            },
+            "image": {
+                "path": str(self.image_path),
+                "format": self.image_format,
+                "sha256": self.image_sha256,
+                "size": self.image_size,
+                "version": self.expect_version,
+            },
+            "checks": [c.to_dict() for c in self.preflight.results],
+            "steps": self.steps,
+            "estimate_s": round(self.estimate_s, 1),
+            "forced": self.forced,
+            "ok": self.ok,
+        }
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    state: JobState
+    outcome: str
+    boot: BootReport | None = None
+    backup_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job_id,
+            "state": self.state.value,
+            "outcome": self.outcome,
+            "backup": self.backup_id,
+            "boot": None
+            if self.boot is None
+            else {
+                "state": self.boot.state,
+                "firmware_version": self.boot.firmware_version,
+                "slot": self.boot.booted_slot,
+            },
+            "detail": self.detail,
+        }
+
+
+class _Cut(Exception):
+    """Internal: the device went away mid-job; the job stays resumable."""
+
+
+class Workbench:
+    """Runs jobs against devices. One instance per process (or per flash station worker)."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        vault: BackupVault,
+        profiles: ProfileSet,
+        open_device: Callable[[DeviceAddress], Device],
+        sink: EventSink,
+        workdir: Path,
+        cancel: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.vault = vault
+        self.profiles = profiles
+        self._open_device = open_device
+        self.sink = sink
+        self.workdir = workdir
+        self.cancel = cancel or threading.Event()
+        self.clock = clock
+
+    # ---------------------------------------------------------------- probing and planning
+
+    def probe(
+        self, uri: str, profile_id: str | None = None
+    ) -> tuple[DeviceIdentity, Profile | None]:
+        address = parse_device_uri(uri)
+        with self._device(address) as dev:
+            identity = cast(Identify, dev).identify()
+        return identity, self._match_profile(identity, profile_id, required=False)
+
+    def plan(self, uri: str, request: FlashRequest) -> Plan:
+        """Probe the device and check the image against it; writes nothing."""
+        address = parse_device_uri(uri)
+        with self._device(address) as dev:
+            return self._plan(address, dev, request, job_id="")
+
+    # ---------------------------------------------------------------- flashing
+
+    def flash(
+        self, uri: str, request: FlashRequest, *, progress: Progress | None = None
+    ) -> JobResult:
+        """Run a flash job. Raises the refusal (PreflightError/IntegrityError: nothing was
+        written), VerifyError/DeviceError (job resumable), or RolledBack."""
+        address = parse_device_uri(uri)
+        job_id = new_job_id()
+        with self._device(address) as dev:
+            plan = self._plan(address, dev, request, job_id=job_id)
+            job = JobRecord(
+                id=job_id,
+                created_at=time.time(),
+                updated_at=time.time(),
+                kind="flash",
+                state=JobState.PLANNED.value,
+                outcome=None,
+                operator=request.operator or _operator(),
+                device_uri=uri,
+                device_identity=plan.identity.to_dict(),
+                image={
+                    "path": str(plan.image_path),
+                    "flash_path": str(plan.flash_path),
+                    "name": plan.image_path.name,
+                    "version": plan.expect_version,
+                    "sha256": plan.image_sha256,
+                    "size": plan.image_size,
+                    "format": plan.image_format,
+                },
+                plan=plan.to_dict(),
+                options={
+                    "forced": plan.forced,
+                    "allow_downgrade": request.allow_downgrade,
+                    "allow_critical": request.allow_critical,
+                    "backup_scope": request.backup_scope,
+                    "profile": plan.profile.id,
+                    "region": plan.target.region,
+                    "offset": plan.target.offset,
+                    "slot": plan.slot,
+                },
+                data={},
+            )
+            self.store.create_job(job)
+            self._event(job_id, "state", JobState.PLANNED.value, plan=plan.to_dict())
+            state = self._move(job_id, JobState.PLANNED, JobState.PREFLIGHT)
+            with self._step(job_id, "preflight") as detail:
+                detail["checks"] = [c.to_dict() for c in plan.preflight.results]
+                refusal = plan.preflight.refusal()
+            if refusal is not None:
+                self.store.update_job(
+                    job_id,
+                    state=JobState.REFUSED.value,
+                    outcome="refused",
+                    data={"refusal": refusal.one_line()},
+                )
+                self._event(job_id, "state", JobState.REFUSED.value, reason=refusal.one_line())
+                raise refusal
+            root = progress or Progress("flash")
+            return self._run(job_id, dev, plan, state, root, start_write_at=0, backup_id=None)
+
+    def _plan(
+        self, address: DeviceAddress, dev: Device, request: FlashRequest, job_id: str
+    ) -> Plan:
+        identity = cast(Identify, dev).identify()
+        profile = self._match_profile(identity, request.profile_id, required=True)
+        assert profile is not None
+        image = request.image
+        if not image.is_file():
+            raise SourceError(f"{image}: no such image file")
+        report = inspect_path(image)
+        flash_path = image
+        flash_size = report.size
+        if report.valid and report.format not in FLASHABLE_AS_IS and report.format in TO_RAW:
+            # Sparse, compressed and address-based images are expanded to what goes on flash.
+            work = self.workdir / (job_id or "plan")
+            work.mkdir(parents=True, exist_ok=True)
+            flash_path = work / (image.name + ".raw")
+            convert_path(image, flash_path, "raw", raw_options=RawOptions())
+            flash_size = flash_path.stat().st_size
+        manifest = self._manifest(request)
+        integrity: VerifyReport | None = None
+        if request.integrity.any:
+            ir = request.integrity
+            integrity = verify_file(
+                image,
+                sha256=ir.sha256,
+                sums=ir.sums,
+                signature=ir.signature,
+                minisign_key=ir.minisign_key,
+                gpg_keyring=ir.gpg_keyring,
+                cms_ca=ir.cms_ca,
+            )
+        target, slot = self._target(dev, profile, request, flash_size, manifest)
+        region = profile.region(target.region)
+        forced = dict(request.forced)
+        ctx = checks.PreflightContext(
+            identity=identity,
+            profile=profile,
+            regions=(region,) if region is not None else (),
+            target_offset=target.offset,
+            target_size=target.size,
+            image=checks.ImageFacts(
+                path=str(image),
+                format=report.format,
+                size=flash_size,
+                sha256=report.sha256,
+                valid=report.valid,
+                problems=tuple(report.problems),
+            ),
+            integrity=checks.IntegrityFacts.from_report(integrity) if integrity else None,
+            manifest=manifest,
+            backup_verified=False,
+            backup_planned=True,
+            allow_downgrade=request.allow_downgrade,
+            allow_critical=request.allow_critical,
+            forced=forced,
+        )
+        result = checks.run_preflight(ctx)
+        steps = ["preflight", "backup"]
+        if profile.loader is not None:
+            steps.append("stage-loader")
+        steps += ["write", "verify"]
+        if slot is not None:
+            steps.append("set-trial-slot")
+        steps += ["reboot", "validate", "commit"]
+        storage = identity.storage.size_bytes if identity.storage else target.size
+        backup_bytes = storage if request.backup_scope == "full" else target.size
+        # Rough: loopback links move ~20 MB/s; boots take seconds. Refined by measured rates.
+        estimate = (backup_bytes * 2 + target.size * 2) / 20e6 + profile.boot.timeout_s / 10
+        return Plan(
+            device_uri=address.uri,
+            identity=identity,
+            profile=profile,
+            target=target,
+            slot=slot,
+            image_path=image,
+            image_format=report.format,
+            image_sha256=report.sha256,
+            image_size=report.size,
+            flash_path=flash_path,
+            manifest=manifest,
+            expect_version=manifest.version if manifest else None,
+            preflight=result,
+            steps=steps,
+            estimate_s=estimate,
+            forced=forced,
+        )
+
+    def _manifest(self, request: FlashRequest) -> Manifest | None:
+        path = request.manifest
+        if path is None:
+            sidecar = request.image.with_name(request.image.name + ".manifest.toml")
+            path = sidecar if sidecar.is_file() else None
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise SourceError(f"{path}: cannot read the manifest: {e.strerror}") from e
+        return parse_manifest(data, str(path))
+
+    def _target(
+        self,
+        dev: Device,
+        profile: Profile,
+        request: FlashRequest,
+        size: int,
+        manifest: Manifest | None,
+    ) -> tuple[Target, str | None]:
+        eb = profile.storage.erase_block_bytes
+        if request.offset is not None:
+            if request.region is not None:
+                raise UsageError("give --partition or --offset, not both")
+            containing = next(
+                (r for r in profile.regions if r.offset <= request.offset < r.end), None
+            )
+            name = containing.name if containing else f"offset-0x{request.offset:x}"
+            return Target(name, request.offset, size, eb), None
+        name = request.region or (manifest.target if manifest and manifest.target else None)
+        name = name or profile.default_region
+        if name is None:
+            raise UsageError(
+                f"profile {profile.id} names no default region",
+                hint="give --partition NAME or --offset N",
+            )
+        region = profile.region(name)
+        slot: str | None = None
+        if region is None:
+            slots = profile.slots(name)
+            if not slots:
+                known = ", ".join(r.name for r in profile.regions)
+                raise UsageError(
+                    f"profile {profile.id} has no region '{name}'", hint=f"regions: {known}"
+                )
+            region, slot = self._inactive_slot(dev, slots)
+        elif region.slot is not None:
+            slot = region.slot
+        return Target(region.name, region.offset, size, eb), slot
+
+    def _inactive_slot(self, dev: Device, slots: tuple[Region, ...]) -> tuple[Region, str]:
+        if Capability.BOOT_CONTROL not in dev.capabilities:
+            raise UsageError(
+                "this device offers no A/B boot control",
+                hint="name the slot's region with --partition",
+            )
+        active = cast(BootControl, dev).boot_state().active_slot
+        for r in slots:
+            if r.slot != active:
+                return r, cast(str, r.slot)
+        raise DeviceError(f"no inactive slot besides '{active}'")
+
+    def _match_profile(
+        self, identity: DeviceIdentity, profile_id: str | None, *, required: bool
+    ) -> Profile | None:
+        if profile_id is not None:
+            return self.profiles.get(profile_id)
+        found = self.profiles.match(identity)
+        if found:
+            return found[0]
+        if required:
+            raise PreflightError(
+                f"no profile matches this device (model {identity.model!r}, "
+                f"hw revision {identity.hw_revision!r})",
+                check_id="device.identity",
+                hint="pass --profile NAME or FILE (see docs/profiles.md)",
+            )
+        return None
+
+    # ---------------------------------------------------------------- running a job
+
+    def _run(
+        self,
+        job_id: str,
+        dev: Device,
+        plan: Plan,
+        state: JobState,
+        root: Progress,
+        *,
+        start_write_at: int,
+        backup_id: str | None,
+    ) -> JobResult:
+        root.on_change = root.on_change or (
+            lambda node: self.sink.emit(progress_event(node, job_id))
+        )
+        storage = plan.identity.storage.size_bytes if plan.identity.storage else plan.target.size
+        size = plan.target.size
+        p_backup = root.child("backup", weight=2 * storage, total=storage, unit="B")
+        p_write = root.child("write", weight=2 * size, total=size, unit="B")
+        p_verify = root.child("verify", weight=size, total=size, unit="B")
+        p_boot = root.child("reboot", weight=max(size, 1), total=1)
+        opts = self._job_options(job_id)
+        try:
+            if state in (JobState.PREFLIGHT, JobState.BACKUP):
+                state = self._move(job_id, state, JobState.BACKUP)
+                with self._step(job_id, "enter-recovery"):
+                    self._enter_recovery(dev, plan)
+                backup_id = self._backup(job_id, dev, plan, p_backup, opts)
+            else:
+                p_backup.finish()
+            assert backup_id is not None
+            if state in (JobState.BACKUP, JobState.STAGE_LOADER) and plan.profile.loader:
+                state = self._move(job_id, state, JobState.STAGE_LOADER)
+                with self._step(job_id, "stage-loader") as detail:
+                    detail["loader"] = plan.profile.loader.description
+            if state in (JobState.BACKUP, JobState.STAGE_LOADER, JobState.WRITE):
+                state = self._move(job_id, state, JobState.WRITE)
+                self._check_same_device(job_id, dev, plan.identity)
+                self._write(job_id, dev, plan, p_write, start_write_at)
+            else:
+                p_write.finish()
+            if state in (JobState.WRITE, JobState.VERIFY):
+                state = self._move(job_id, state, JobState.VERIFY)
+                self._verify(job_id, dev, plan, p_verify)
+            else:
+                p_verify.finish()
+            if state in (JobState.VERIFY, JobState.REBOOT, JobState.VALIDATE):
+                state = self._move(job_id, state, JobState.REBOOT)
+                report = self._reboot(job_id, dev, plan)
+                p_boot.finish()
+                state = self._move(job_id, state, JobState.VALIDATE)
+                self._validate(job_id, plan, report)
+            else:
+                report = None
+            state = self._move(job_id, state, JobState.COMMIT)
+            with self._step(job_id, "commit", slot=plan.slot) as detail:
+                if plan.slot is not None:
+                    cast(BootControl, dev).commit(plan.slot)
+                    detail["active_slot"] = plan.slot
+            state = self._move(job_id, state, JobState.DONE)
+            self.store.update_job(job_id, state=JobState.DONE.value, outcome="success")
+            root.finish()
+            return JobResult(job_id, JobState.DONE, "success", report, backup_id)
+        except PreflightError:
+            # Raised before anything was written in this phase (the device was swapped).
+            self.store.update_job(job_id, state=JobState.FAILED.value, outcome="refused")
+            raise
+        except _Cut as cut:
+            # The device went away (power cut, cable): nothing more can be done now.
+            self._event(job_id, "state", state.value, interrupted=str(cut))
+            raise DeviceError(
+                f"job {job_id} interrupted in step '{state.value}': {cut}",
+                hint=f"reconnect or power the device, then run 'unbrick resume {job_id}'",
+            ) from cut
+        except (VerifyError, _BootFailed) as e:
+            if not state.device_touched:
+                raise
+            return self._rollback(job_id, dev, plan, state, backup_id, e)
+
+    def _enter_recovery(self, dev: Device, plan: Plan) -> None:
+        if Capability.REBOOT in dev.capabilities:
+            try:
+                cast(Reboot, dev).enter_recovery(plan.profile.boot.timeout_s)
+            except TransportError as e:
+                raise _Cut(str(e)) from e
+
+    def _job_options(self, job_id: str) -> dict[str, Any]:
+        return dict(self.store.get_job(job_id).options)
+
+    def _backup(
+        self, job_id: str, dev: Device, plan: Plan, progress: Progress, opts: Mapping[str, Any]
+    ) -> str:
+        regions: list[Region] | None = None
+        if opts.get("backup_scope") == "target":
+            regions = [
+                Region(
+                    plan.target.region,
+                    plan.target.offset,
+                    -(-plan.target.size // plan.target.erase_block) * plan.target.erase_block,
+                )
+            ]
+        with self._step(job_id, "backup", scope=opts.get("backup_scope", "full")) as detail:
+            try:
+                record = backups.take_backup(
+                    dev,
+                    regions,
+                    vault=self.vault,
+                    identity=plan.identity,
+                    progress=progress,
+                    sink=self.sink,
+                    job_id=job_id,
+                )
+            except TransportError as e:
+                raise _Cut(str(e)) from e
+            detail["backup_id"] = record.id
+            detail["verified_by"] = record.meta.get("verified_by")
+        self.store.update_job(job_id, state=JobState.BACKUP.value, data={"backup_id": record.id})
+        return record.id
+
+    def _write(
+        self, job_id: str, dev: Device, plan: Plan, progress: Progress, start_at: int
+    ) -> None:
+        with (
+            self._step(
+                job_id,
+                "write",
+                region=plan.target.region,
+                offset=plan.target.offset,
+                size=plan.target.size,
+                start_at=start_at,
+            ) as detail,
+            _open_image(plan.flash_path) as image,
+        ):
+            try:
+                write_range(
+                    dev,
+                    plan.target,
+                    image,
+                    start_at=start_at,
+                    progress=progress,
+                    checkpoint=lambda pos: self.store.set_checkpoint(job_id, "write", {"pos": pos}),
+                    cancelled=self.cancel.is_set,
+                )
+            except (TransportError, DeviceError) as e:
+                raise _Cut(str(e)) from e
+            detail["bytes"] = plan.target.size - start_at
+
+    def _verify(self, job_id: str, dev: Device, plan: Plan, progress: Progress) -> None:
+        with (
+            self._step(job_id, "verify", region=plan.target.region) as detail,
+            _open_image(plan.flash_path) as image,
+        ):
+            try:
+                detail["method"] = verify_range(dev, plan.target, image, progress=progress)
+            except (TransportError, DeviceError) as e:
+                raise _Cut(str(e)) from e
+
+    def _reboot(self, job_id: str, dev: Device, plan: Plan) -> BootReport:
+        if plan.slot is not None:
+            with self._step(job_id, "set-trial-slot", slot=plan.slot):
+                try:
+                    cast(BootControl, dev).set_trial(plan.slot)
+                except TransportError as e:
+                    raise _Cut(str(e)) from e
+        with self._step(job_id, "reboot") as detail:
+            try:
+                report = cast(Reboot, dev).reboot(plan.profile.boot.timeout_s)
+            except TransportError as e:
+                raise _Cut(str(e)) from e
+            detail.update(
+                state=report.state,
+                firmware_version=report.firmware_version,
+                slot=report.booted_slot,
+            )
+        for line in report.log.splitlines()[-40:]:
+            self.store.add_event(job_id, Event("log", "console", job_id, data={"line": line}))
+        return report
+
+    def _validate(self, job_id: str, plan: Plan, report: BootReport) -> None:
+        with self._step(job_id, "validate") as detail:
+            problems = boot_problems(plan.profile, report, plan.expect_version, plan.slot)
+            detail["problems"] = problems
+            if problems:
+                raise _BootFailed("; ".join(problems))
+
+    # ---------------------------------------------------------------- rollback and restore
+
+    def _rollback(
+        self,
+        job_id: str,
+        dev: Device,
+        plan: Plan,
+        state: JobState,
+        backup_id: str | None,
+        cause: Exception,
+    ) -> JobResult:
+        state = self._move(job_id, state, JobState.ROLLING_BACK)
+        self._event(job_id, "state", state.value, cause=str(cause))
+        try:
+            with self._step(job_id, "rollback", cause=str(cause)) as detail:
+                if plan.slot is not None:
+                    # A/B: the old slot was never touched; make sure it stays the one that boots.
+                    old = _other_slot(plan.profile, plan.slot)
+                    self._enter_recovery(dev, plan)
+                    cast(BootControl, dev).commit(old)
+                    detail["active_slot"] = old
+                else:
+                    if backup_id is None:
+                        raise JobError("no backup to roll back to")
+                    self._restore_region(job_id, dev, plan, backup_id)
+                    detail["restored_from"] = backup_id
+                report = cast(Reboot, dev).reboot(plan.profile.boot.timeout_s)
+                detail.update(
+                    state=report.state,
+                    firmware_version=report.firmware_version,
+                    slot=report.booted_slot,
+                )
+                old_version = plan.identity.firmware_version
+                problems = boot_problems(plan.profile, report, old_version, None)
+                if problems:
+                    raise DeviceError("after the rollback: " + "; ".join(problems))
+        except UnbrickError as e:
+            self.store.update_job(
+                job_id,
+                state=JobState.UNRECOVERED.value,
+                outcome="failed",
+                data={"error": e.one_line()},
+            )
+            raise DeviceError(
+                f"job {job_id}: {cause}; the rollback failed too: {e.message}",
+                hint=f"run 'unbrick resume {job_id}' or 'unbrick restore'",
+            ) from e
+        self._move(job_id, JobState.ROLLING_BACK, JobState.ROLLED_BACK)
+        self.store.update_job(
+            job_id,
+            state=JobState.ROLLED_BACK.value,
+            outcome="rolled_back",
+            data={"cause": str(cause)},
+        )
+        raise RolledBack(
+            f"job {job_id}: {cause}; the device was restored and runs "
+            f"{plan.identity.firmware_version or 'its previous firmware'}"
+        )
+
+    def _restore_region(self, job_id: str, dev: Device, plan: Plan, backup_id: str) -> None:
+        """Write the backed-up content of the target's span back to the device."""
+        eb = plan.target.erase_block
+        span = -(-plan.target.size // eb) * eb
+        target = Target(plan.target.region, plan.target.offset, span, eb)
+        self._enter_recovery(dev, plan)
+        data = self.workdir / f"{job_id}.restore"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        with open(data, "wb") as f:
+            for piece in backups.iter_range(self.vault, backup_id, target.offset, span):
+                f.write(piece)
+        try:
+            with _open_image(data) as image:
+                write_range(dev, target, image)
+                verify_range(dev, target, image)
+        finally:
+            data.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- resume
+
+    def resume(self, job_id: str, *, progress: Progress | None = None) -> JobResult:
+        """Continue an interrupted job after re-reading the device, or roll it back.
+
+        Never silent: the resume is a journaled step that records what it found (the job's
+        state, the device's state, whether the image is unchanged, where writing continues).
+        """
+        job = self.store.get_job(job_id)
+        state = JobState(job.state)
+        if state.terminal and state is not JobState.UNRECOVERED:
+            raise JobError(
+                f"job {job_id} already ended: {job.outcome or state.value}",
+                hint="nothing to resume",
+            )
+        if job.kind != "flash":
+            raise JobError(f"job {job_id} is a {job.kind} job; only flash jobs resume")
+        address = parse_device_uri(job.device_uri)
+        with self._device(address) as dev:
+            identity = cast(Identify, dev).identify()
+            recorded = DeviceIdentity.from_dict(job.device_identity)
+            if not identity.same_device(recorded):
+                raise PreflightError(
+                    f"job {job_id} was for {recorded.model} serial {recorded.serial}, but "
+                    f"{job.device_uri} is {identity.model} serial {identity.serial}",
+                    check_id="device.identity",
+                    hint="connect the device the job was started on",
+                )
+            plan = self._plan_from_job(job, recorded)
+            backup_id = job.data.get("backup_id")
+            start_at = 0
+            with self._step(job_id, "resume", state=state.value) as detail:
+                image_ok = _file_sha256(plan.image_path) == plan.image_sha256
+                detail["image_unchanged"] = image_ok
+                if image_ok and plan.flash_path != plan.image_path:
+                    image_ok = plan.flash_path.is_file()
+                if state in (JobState.WRITE, JobState.VERIFY) and image_ok:
+                    self._enter_recovery(dev, plan)
+                    with _open_image(plan.flash_path) as image:
+                        bad = bad_ranges(dev, plan.target, image)
+                    start_at = _first_bad(bad, plan.target.erase_block, plan.target.size)
+                    detail["continue_write_at"] = start_at
+            if state in (JobState.ROLLING_BACK, JobState.UNRECOVERED) or (
+                state.device_touched and not image_ok
+            ):
+                cause = (
+                    JobError("the image changed or vanished since the job started")
+                    if not image_ok
+                    else JobError("resumed an interrupted rollback")
+                )
+                return self._rollback(job_id, dev, plan, state, backup_id, cause)
+            if state in (JobState.PLANNED, JobState.PREFLIGHT):
+                state = self._move(job_id, state, JobState.PREFLIGHT)
+            if state in (JobState.STAGE_LOADER, JobState.WRITE, JobState.VERIFY):
+                state = JobState.WRITE if start_at < plan.target.size else JobState.VERIFY
+            return self._run(
+                job_id,
+                dev,
+                plan,
+                state,
+                progress or Progress("resume"),
+                start_write_at=start_at,
+                backup_id=backup_id,
+            )
+
+    def _plan_from_job(self, job: JobRecord, identity: DeviceIdentity) -> Plan:
+        opts = job.options
+        profile = self.profiles.get(str(opts["profile"]))
+        image = job.image or {}
+        target = Target(
+            str(opts["region"]),
+            int(opts["offset"]),
+            int(job.plan["target"]["size"]),
+            profile.storage.erase_block_bytes,
+        )
+        return Plan(
+            device_uri=job.device_uri,
+            identity=identity,
+            profile=profile,
+            target=target,
+            slot=opts.get("slot"),
+            image_path=Path(image.get("path", "")),
+            image_format=str(image.get("format", "raw")),
+            image_sha256=str(image.get("sha256", "")),
+            image_size=int(image.get("size", 0)),
+            flash_path=Path(image.get("flash_path", image.get("path", ""))),
+            manifest=None,
+            expect_version=image.get("version"),
+            preflight=checks.PreflightResult(()),
+            steps=list(job.plan.get("steps", [])),
+            estimate_s=0.0,
+            forced=dict(opts.get("forced", {})),
+        )
+
+    # ---------------------------------------------------------------- helpers
+
+    @contextlib.contextmanager
+    def _device(self, address: DeviceAddress) -> Iterator[Device]:
+        dev = self._open_device(address)
+        try:
+            yield dev
+        finally:
+            with contextlib.suppress(Exception):
+                dev.close()
+
+    def _move(self, job_id: str, current: JobState, target: JobState) -> JobState:
+        state = transition(current, target)
+        self.store.update_job(job_id, state=state.value)
+        self.sink.emit(Event("state", state.value, job_id))
+        return state
+
+    def _event(self, job_id: str, kind: str, name: str, **data: Any) -> None:
+        event = Event(kind, name, job_id, data=data)
+        self.sink.emit(event)
+        if job_id:
+            self.store.add_event(job_id, event)
+
+    def _check_same_device(self, job_id: str, dev: Device, expected: DeviceIdentity) -> None:
+        with self._step(job_id, "identity-recheck") as detail:
+            try:
+                now = cast(Identify, dev).identify()
+            except TransportError as e:
+                raise _Cut(str(e)) from e
+            detail["serial"] = now.serial
+            if not now.same_device(expected):
+                raise PreflightError(
+                    f"the device changed: expected {expected.model} serial {expected.serial}, "
+                    f"found {now.model} serial {now.serial}",
+                    check_id="device.identity",
+                    hint="nothing was written to the new device; reconnect the right one",
+                )
+
+    @contextlib.contextmanager
+    def _step(self, job_id: str, name: str, **args: Any) -> Iterator[dict[str, Any]]:
+        step_id = self.store.begin_step(job_id, name, args)
+        self.sink.emit(Event("step-start", name, job_id, data=args))
+        t0 = self.clock()
+        detail: dict[str, Any] = {}
+        try:
+            yield detail
+        except BaseException as e:
+            error = e.one_line() if isinstance(e, UnbrickError) else f"{type(e).__name__}: {e}"
+            duration = round(self.clock() - t0, 3)
+            self.store.end_step(step_id, result="failed", detail=detail, error=error)
+            self.sink.emit(
+                Event(
+                    "step-error",
+                    name,
+                    job_id,
+                    data={**detail, "error": error, "duration_s": duration},
+                )
+            )
+            raise
+        duration = round(self.clock() - t0, 3)
+        self.store.end_step(step_id, result="ok", detail=detail, error=None)
+        self.sink.emit(Event("step-end", name, job_id, data={**detail, "duration_s": duration}))
+
+
+class _BootFailed(Exception):
+    """Internal: the first boot after the write did not validate."""
+
+
+def boot_problems(
+    profile: Profile, report: BootReport, expect_version: str | None, slot: str | None
+) -> list[str]:
+    """Why a boot report is not a good first boot (empty: it is)."""
+    problems: list[str] = []
+    if report.state != "firmware":
+        problems.append(f"the device did not boot its firmware (state '{report.state}')")
+    for pattern in profile.boot.failure_patterns:
+        m = re.search(pattern, report.log)
+        if m:
+            problems.append(f"boot log shows '{m.group(0)}'")
+    if profile.boot.success_pattern and not re.search(profile.boot.success_pattern, report.log):
+        problems.append(f"boot log lacks the success pattern /{profile.boot.success_pattern}/")
+    if profile.boot.expect_version and expect_version and report.firmware_version != expect_version:
+        problems.append(
+            f"the device runs version {report.firmware_version!r}, expected {expect_version!r}"
+        )
+    if slot is not None and report.booted_slot not in (None, slot):
+        problems.append(f"the device booted slot '{report.booted_slot}', not the new '{slot}'")
+    return problems
+
+
+def _other_slot(profile: Profile, slot: str) -> str:
+    for r in profile.regions:
+        if r.slot and r.slot != slot:
+            return r.slot
+    raise DeviceError(f"profile {profile.id} has no slot besides '{slot}'")
+
+
+def _device_state(dev: Device) -> str:
+    state = getattr(dev, "state", None)
+    if callable(state):
+        with contextlib.suppress(Exception):
+            return str(state())
+    return "unknown"
+
+
+def _first_bad(bad: list[tuple[int, int]], erase_block: int, size: int) -> int:
+    if not bad:
+        return size
+    return (bad[0][0] // erase_block) * erase_block
+
+
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator[ImageData]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open the image: {e.strerror}") from e
+    try:
+        size = f.seek(0, 2)
+        yield ImageData(f, size)
+    finally:
+        f.close()
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            return h.hexdigest()
+    except OSError:
+        return None
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+__all__ = [
+    "FlashRequest",
+    "IntegrityRequest",
+    "JobResult",
+    "Plan",
+    "Workbench",
+    "boot_problems",
+]
