@@ -49,6 +49,8 @@ from unbrick.transports.base import (
     BootReport,
     Capability,
     Device,
+    DeviceHash,
+    FlashRead,
     Identify,
     Reboot,
 )
@@ -694,19 +696,286 @@ class Workbench:
         """Write the backed-up content of the target's span back to the device."""
         eb = plan.target.erase_block
         span = -(-plan.target.size // eb) * eb
-        target = Target(plan.target.region, plan.target.offset, span, eb)
         self._enter_recovery(dev, plan)
-        data = self.workdir / f"{job_id}.restore"
+        self._write_from_backup(
+            dev, Target(plan.target.region, plan.target.offset, span, eb), backup_id
+        )
+
+    # ---------------------------------------------------------------- backup and restore
+
+    def backup(
+        self,
+        uri: str,
+        regions: list[str] | None = None,
+        *,
+        operator: str = "",
+        progress: Progress | None = None,
+    ) -> JobResult:
+        """Read (all or the named regions of) the device into the vault, verified."""
+        address = parse_device_uri(uri)
+        job_id = new_job_id()
+        with self._device(address) as dev:
+            identity = cast(Identify, dev).identify()
+            profile = self._match_profile(identity, None, required=False)
+            chosen: list[Region] | None = None
+            if regions:
+                if profile is None:
+                    raise UsageError(
+                        "regions need a profile for this device",
+                        hint="pass --profile, or back up the whole storage",
+                    )
+                chosen = []
+                for name in regions:
+                    region = profile.region(name)
+                    if region is None:
+                        known = ", ".join(r.name for r in profile.regions)
+                        raise UsageError(
+                            f"no region '{name}' in profile {profile.id}", hint=f"regions: {known}"
+                        )
+                    chosen.append(region)
+            self.store.create_job(
+                self._job_record(
+                    job_id, "backup", uri, identity, operator, options={"regions": regions or "all"}
+                )
+            )
+            root = progress or Progress("backup")
+            root.on_change = root.on_change or (
+                lambda node: self.sink.emit(progress_event(node, job_id))
+            )
+            state = self._move(job_id, JobState.PLANNED, JobState.BACKUP)
+            try:
+                if profile is not None:
+                    with self._step(job_id, "enter-recovery"), contextlib.suppress(TransportError):
+                        self._enter_recovery_profile(dev, profile)
+                with self._step(job_id, "backup", regions=regions or "all") as detail:
+                    record = backups.take_backup(
+                        dev,
+                        chosen,
+                        vault=self.vault,
+                        identity=identity,
+                        progress=root,
+                        sink=self.sink,
+                        job_id=job_id,
+                    )
+                    detail["backup_id"] = record.id
+            except UnbrickError as e:
+                self.store.update_job(
+                    job_id,
+                    state=JobState.FAILED.value,
+                    outcome="failed",
+                    data={"error": e.one_line()},
+                )
+                raise
+            self._move(job_id, state, JobState.DONE)
+            self.store.update_job(
+                job_id, state=JobState.DONE.value, outcome="success", data={"backup_id": record.id}
+            )
+            root.finish()
+            return JobResult(job_id, JobState.DONE, "success", None, record.id)
+
+    def restore(
+        self,
+        uri: str,
+        backup_id: str,
+        *,
+        allow_critical: bool = False,
+        forced: Mapping[str, str] | None = None,
+        operator: str = "",
+        progress: Progress | None = None,
+    ) -> JobResult:
+        """Write a backup back: every region whose content differs, verified, then reboot and
+        validate. The same safe workflow as a flash (identity checks, a backup of the current
+        state first, per-range verification). Idempotent: run it again after an interruption.
+        """
+        address = parse_device_uri(uri)
+        full_id = self.vault.resolve(backup_id)
+        record = self.vault.get(full_id)
+        forced = dict(forced or {})
+        job_id = new_job_id()
+        with self._device(address) as dev:
+            identity = cast(Identify, dev).identify()
+            profile = self._match_profile(identity, None, required=True)
+            assert profile is not None
+            owner = DeviceIdentity.from_dict(record.meta["identity"])
+            self.store.create_job(
+                self._job_record(
+                    job_id,
+                    "restore",
+                    uri,
+                    identity,
+                    operator,
+                    options={
+                        "backup_id": full_id,
+                        "forced": forced,
+                        "allow_critical": allow_critical,
+                        "profile": profile.id,
+                    },
+                )
+            )
+            state = self._move(job_id, JobState.PLANNED, JobState.PREFLIGHT)
+            root = progress or Progress("restore")
+            root.on_change = root.on_change or (
+                lambda node: self.sink.emit(progress_event(node, job_id))
+            )
+            try:
+                with self._step(job_id, "preflight", backup=full_id) as detail:
+                    if not owner.same_device(identity) and "backup.device" not in forced:
+                        raise PreflightError(
+                            f"backup {full_id[:12]} is of {owner.model} serial {owner.serial}, "
+                            f"not of this {identity.model} serial {identity.serial}",
+                            check_id="backup.device",
+                            overridable=True,
+                            hint="restoring another unit's calibration data breaks radios; "
+                            "force only with --force backup.device --reason TEXT",
+                        )
+                    self._enter_recovery_profile(dev, profile)
+                    changed = self._changed_regions(dev, profile, full_id, record.meta)
+                    detail["regions"] = [r.name for r in changed]
+                    critical = [r.name for r in changed if r.critical]
+                    if critical and not allow_critical and "region.critical" not in forced:
+                        raise PreflightError(
+                            f"restoring would rewrite critical region(s) {', '.join(critical)}",
+                            check_id="region.critical",
+                            overridable=True,
+                            hint="pass --allow-critical if the bootloader itself is damaged",
+                        )
+            except PreflightError as e:
+                self.store.update_job(
+                    job_id,
+                    state=JobState.REFUSED.value,
+                    outcome="refused",
+                    data={"refusal": e.one_line()},
+                )
+                raise
+            try:
+                state = self._move(job_id, state, JobState.BACKUP)
+                with self._step(job_id, "backup-current-state") as detail:
+                    before = backups.take_backup(
+                        dev,
+                        None,
+                        vault=self.vault,
+                        identity=identity,
+                        progress=root.child("backup", total=1.0),
+                        sink=self.sink,
+                        job_id=job_id,
+                    )
+                    detail["backup_id"] = before.id
+                self.store.update_job(job_id, state=state.value, data={"backup_id": before.id})
+                state = self._move(job_id, state, JobState.WRITE)
+                eb = profile.storage.erase_block_bytes
+                for region in changed:
+                    self._check_same_device(job_id, dev, identity)
+                    target = Target(region.name, region.offset, region.size, eb)
+                    with self._step(job_id, "write", region=region.name) as detail:
+                        self._write_from_backup(dev, target, full_id)
+                        detail["bytes"] = region.size
+                state = self._move(job_id, state, JobState.REBOOT)
+                with self._step(job_id, "reboot") as detail:
+                    report = cast(Reboot, dev).reboot(profile.boot.timeout_s)
+                    detail.update(state=report.state, firmware_version=report.firmware_version)
+                for line in report.log.splitlines()[-40:]:
+                    self.store.add_event(
+                        job_id, Event("log", "console", job_id, data={"line": line})
+                    )
+                state = self._move(job_id, state, JobState.VALIDATE)
+                with self._step(job_id, "validate") as detail:
+                    problems = boot_problems(profile, report, owner.firmware_version, None)
+                    detail["problems"] = problems
+                    if problems:
+                        raise DeviceError(
+                            "the restored device does not boot: " + "; ".join(problems),
+                            hint="the backup may hold a broken firmware; "
+                            "flash a known-good image instead",
+                        )
+            except UnbrickError as e:
+                self.store.update_job(
+                    job_id,
+                    state=JobState.FAILED.value,
+                    outcome="failed",
+                    data={"error": e.one_line()},
+                )
+                raise
+            state = self._move(job_id, state, JobState.COMMIT)
+            self._move(job_id, state, JobState.DONE)
+            self.store.update_job(job_id, state=JobState.DONE.value, outcome="success")
+            root.finish()
+            return JobResult(
+                job_id,
+                JobState.DONE,
+                "success",
+                report,
+                full_id,
+                {"regions": [r.name for r in changed]},
+            )
+
+    def _changed_regions(
+        self, dev: Device, profile: Profile, backup_id: str, meta: Mapping[str, Any]
+    ) -> list[Region]:
+        """Profile regions whose device content differs from the backup's."""
+        covered = [r for r in profile.regions if backups.covers(meta, r.offset, r.size)]
+        changed = []
+        for region in covered:
+            want = hashlib.sha256()
+            for piece in backups.iter_range(self.vault, backup_id, region.offset, region.size):
+                want.update(piece)
+            if Capability.DEVICE_HASH in dev.capabilities:
+                got = cast(DeviceHash, dev).device_hash(region.offset, region.size, "sha256")
+            else:
+                reader = cast(FlashRead, dev)
+                h = hashlib.sha256()
+                pos = 0
+                while pos < region.size:
+                    k = min(reader.max_transfer, region.size - pos)
+                    h.update(reader.read(region.offset + pos, k))
+                    pos += k
+                got = h.hexdigest()
+            if got != want.hexdigest():
+                changed.append(region)
+        return changed
+
+    def _write_from_backup(self, dev: Device, target: Target, backup_id: str) -> None:
+        data = self.workdir / f"restore-{backup_id[:16]}-{target.offset:x}.bin"
         data.parent.mkdir(parents=True, exist_ok=True)
-        with open(data, "wb") as f:
-            for piece in backups.iter_range(self.vault, backup_id, target.offset, span):
-                f.write(piece)
         try:
+            with open(data, "wb") as f:
+                for piece in backups.iter_range(self.vault, backup_id, target.offset, target.size):
+                    f.write(piece)
             with _open_image(data) as image:
                 write_range(dev, target, image)
                 verify_range(dev, target, image)
         finally:
             data.unlink(missing_ok=True)
+
+    def _enter_recovery_profile(self, dev: Device, profile: Profile) -> None:
+        if Capability.REBOOT in dev.capabilities:
+            cast(Reboot, dev).enter_recovery(profile.boot.timeout_s)
+
+    def _job_record(
+        self,
+        job_id: str,
+        kind: str,
+        uri: str,
+        identity: DeviceIdentity,
+        operator: str,
+        *,
+        options: dict[str, Any],
+    ) -> JobRecord:
+        now = time.time()
+        return JobRecord(
+            id=job_id,
+            created_at=now,
+            updated_at=now,
+            kind=kind,
+            state=JobState.PLANNED.value,
+            outcome=None,
+            operator=operator or _operator(),
+            device_uri=uri,
+            device_identity=identity.to_dict(),
+            image=None,
+            plan={},
+            options=options,
+            data={},
+        )
 
     # ---------------------------------------------------------------- resume
 
