@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from unbrick.engine.paths import WorkbenchPaths
 from unbrick.engine.vault import HEADER_BYTES, KEY_BYTES, TAG_BYTES, BackupVault
@@ -66,7 +68,8 @@ def test_round_trip_of_a_few_mib(vault: BackupVault) -> None:
     assert record.meta["device_identity"]["serial"] == "SN1"
     assert record.meta["stored_at"] == record.created_at
     assert b"".join(vault.open(record.id)) == data
-    assert vault.get(record.id) == record
+    assert vault.put([data], meta()).id == record.id  # one big piece
+    record = vault.get(record.id)
     assert vault.verify(record.id) == record
     blob = vault.data_dir / "objects" / record.id[:2] / f"{record.id}.blob"
     assert blob.stat().st_size == HEADER_BYTES + len(data) + 4 * TAG_BYTES
@@ -484,3 +487,99 @@ def test_256_mib_put_and_open_in_bounded_memory(tmp_path: Path) -> None:
     code, rss_kib = (int(x) for x in proc.stdout.split())
     assert code == 0, proc.stderr.decode()
     assert rss_kib < 100 * 1024, f"peak RSS {rss_kib} KiB"
+
+
+# ------------------------------------------------------------------ property and fuzz tests
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[BackupVault, str, bytes]:
+    root = tmp_path_factory.mktemp("fuzz")
+    v = BackupVault(root / "vault", root / "key", chunk_bytes=1024)
+    data = random.Random(3).randbytes(5 * 1024 + 300)
+    return v, v.put([data], meta()).id, data
+
+
+_FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@_FUZZ
+@given(pieces_=st.lists(st.binary(max_size=3000), max_size=8))
+def test_any_content_round_trips(
+    shared: tuple[BackupVault, str, bytes], pieces_: list[bytes]
+) -> None:
+    v = shared[0]
+    data = b"".join(pieces_)
+    record = v.put(iter(pieces_), meta())
+    assert record.id == hashlib.sha256(data).hexdigest()
+    assert b"".join(v.open(record.id)) == data
+
+
+@_FUZZ
+@given(offset=st.integers(0, 5 * 1024 + 300), length=st.integers(0, 6000))
+def test_any_range_reads_the_same_bytes(
+    shared: tuple[BackupVault, str, bytes], offset: int, length: int
+) -> None:
+    v, backup_id, data = shared
+    length = min(length, len(data) - offset)
+    got = b"".join(v.open(backup_id, offset=offset, length=length))
+    assert got == data[offset : offset + length]
+
+
+@_FUZZ
+@given(bit=st.integers(0, (HEADER_BYTES + 6 * TAG_BYTES + 5 * 1024 + 300) * 8 - 1))
+def test_any_flipped_bit_is_an_integrity_error(
+    shared: tuple[BackupVault, str, bytes], bit: int
+) -> None:
+    v, backup_id, _ = shared
+    path = _blob(v, backup_id)
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(bad))
+    try:
+        with pytest.raises(IntegrityError):
+            b"".join(v.open(backup_id))
+    finally:
+        path.write_bytes(good)
+
+
+@_FUZZ
+@given(junk=st.binary(max_size=4000), which=st.sampled_from(["blob", "meta"]))
+def test_random_files_give_typed_errors_only(
+    shared: tuple[BackupVault, str, bytes], junk: bytes, which: str
+) -> None:
+    v = shared[0]
+    fake_id = hashlib.sha256(b"fuzz target").hexdigest()
+    folder = v.data_dir / "objects" / fake_id[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    other = "meta" if which == "blob" else "blob"
+    (folder / f"{fake_id}.{which}").write_bytes(junk)
+    (folder / f"{fake_id}.{other}").unlink(missing_ok=True)
+    try:
+        with pytest.raises(IntegrityError):
+            if which == "blob":
+                b"".join(v.open(fake_id))
+            else:
+                v.get(fake_id)
+    finally:
+        (folder / f"{fake_id}.{which}").unlink()
+
+
+def test_stale_temporary_files_are_swept(vault: BackupVault) -> None:
+    vault.put([b"first"], meta())
+    tmp = vault.data_dir / "tmp"
+    old, fresh = tmp / "put.dead.part", tmp / "put.running.part"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (1_000_000, 1_000_000))
+    vault.put([b"second"], meta())
+    assert not old.exists() and fresh.exists()
+
+
+def test_metadata_failing_after_the_stream_stores_nothing(vault: BackupVault) -> None:
+    with pytest.raises(UsageError, match="JSON"):
+        vault.put([b"content"], lambda: {"bad": object()})
+    assert list((vault.data_dir / "objects").rglob("*")) == []

@@ -130,6 +130,10 @@ def _serial_of(meta: dict[str, Any]) -> str | None:
     return None
 
 
+class _WrongKey(IntegrityError):
+    """The data was encrypted under another key (every backup is then unreadable)."""
+
+
 def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"unbrick vault key id\0" + key).digest()[:8]
 
@@ -172,15 +176,32 @@ def _rechunk(stream: Iterable[bytes] | BinaryIO, size: int) -> Iterator[bytes]:
                 yield bytes(buf)
             if len(buf) < size:
                 return
-    else:
-        pending = bytearray()
-        for piece in stream:
-            pending += piece
-            while len(pending) >= size:
-                yield bytes(pending[:size])
-                del pending[:size]
-        if pending:
-            yield bytes(pending)
+    pending = bytearray()
+    for piece in stream:
+        pending += piece
+        if len(pending) < size:
+            continue
+        # Cut whole chunks through a view and compact once, so that a huge piece is not
+        # shifted in memory once per chunk.
+        view = memoryview(pending)
+        pos = 0
+        while len(pending) - pos >= size:
+            yield bytes(view[pos : pos + size])
+            pos += size
+        view.release()
+        del pending[:pos]
+    if pending:
+        yield bytes(pending)
+
+
+def _sweep(tmp_dir: Path, max_age_s: float = 86400.0) -> None:
+    """Remove temporary files left by puts that died more than ``max_age_s`` ago."""
+    limit = time.time() - max_age_s
+    for entry in tmp_dir.glob("*.part"):
+        with contextlib.suppress(OSError):
+            if entry.stat().st_mtime < limit:
+                entry.unlink()
+                log.info("removed stale temporary file %s", entry)
 
 
 def _mkdir_private(path: Path) -> None:
@@ -349,6 +370,7 @@ class BackupVault:
         try:
             _mkdir_private(self.data_dir)
             _mkdir_private(tmp_dir)
+            _sweep(tmp_dir)
             fd, tmp_name = tempfile.mkstemp(prefix="put.", suffix=".part", dir=tmp_dir)
         except OSError as e:
             raise SourceError(f"{self.data_dir}: cannot write to the vault: {e}") from e
@@ -358,11 +380,13 @@ class BackupVault:
                 backup_id, size = self._encrypt(aes, key, stream, f)
                 f.flush()
                 os.fsync(f.fileno())
+            facts = meta() if callable(meta) else meta
+            _json(facts)  # before the blob is in place: no backup without its metadata
             target = self._blob_path(backup_id)
             _mkdir_private(target.parent)
             os.replace(tmp, target)
             _fsync_dir(target.parent)
-            record = self._add_take(aes, key, backup_id, size, meta() if callable(meta) else meta)
+            record = self._add_take(aes, key, backup_id, size, facts)
         except OSError as e:
             raise SourceError(f"{self.data_dir}: writing a backup failed: {e}") from e
         finally:
@@ -465,13 +489,17 @@ class BackupVault:
             raise IntegrityError(
                 f"backup {backup_id}: the metadata failed authentication (the file was changed)"
             ) from None
-        doc: dict[str, Any] = json.loads(plain)
-        if doc.get("id") != backup_id or not doc.get("takes"):
-            raise IntegrityError(f"backup {backup_id}: the metadata names another backup")
+        try:
+            doc = json.loads(plain)
+            if not isinstance(doc, dict) or doc.get("id") != backup_id:
+                raise ValueError("it names another backup")
+            _record(doc)  # every field a record needs is there
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise IntegrityError(f"backup {backup_id}: the metadata is malformed: {e}") from e
         return doc
 
     def _wrong_key(self, backup_id: str, kid: bytes, key: bytes) -> IntegrityError:
-        return IntegrityError(
+        return _WrongKey(
             f"backup {backup_id} was encrypted with another key (key id {kid.hex()}; "
             f"{self.key_file} has key id {_key_id(key).hex()})",
             hint="use the key file this vault was created with",
@@ -513,9 +541,9 @@ class BackupVault:
         for backup_id in ids:
             try:
                 record = _record(self._read_meta(backup_id, key))
+            except _WrongKey:
+                raise
             except IntegrityError as e:
-                if "another key" in e.message:
-                    raise
                 log.warning("skipping backup %s: %s", backup_id, e.message)
                 continue
             if device_serial is None or device_serial in record.serials():
