@@ -135,7 +135,7 @@ def test_markdown_report_of_a_rolled_back_job(store: JobStore) -> None:
     # Advice names the failed step and the backup.
     advice = md.split("## Next step", 1)[1].split("##", 1)[0]
     assert "restored to its previous firmware" in advice and "'write'" in advice
-    assert "abababababab" in advice
+    assert "'unbrick restore uboot+serial:///dev/ttyUSB0?baud=115200 abababababab'" in advice
     # Excerpts in a code block; warnings listed apart.
     assert "```text\nSF: erasing\nSF: 65536 bytes @ 0x50000 Written: OK\n```" in md
     assert "## Warnings\n\n- slow link: 9 KiB/s" in md

@@ -202,7 +202,7 @@ class RepairLog:
         backup = job.data.get("backup_id")
         backup_text = (
             f" The backup {str(backup)[:12]} holds the device's previous content "
-            f"('unbrick restore {str(backup)[:12]}')."
+            f"('unbrick restore {job.device_uri} {str(backup)[:12]}')."
             if backup
             else ""
         )
