@@ -317,10 +317,10 @@ def list_backups(serial: str | None, as_json: bool) -> int:
     if not records:
         con.print("no backups")
     for r in records:
-        ident = r.meta.get("identity", {})
+        ident = r.meta.get("device_identity", {})
         con.print(
             f"{r.id[:16]}  {r.created_iso}  {ident.get('model')} {ident.get('serial')}  "
-            f"{r.size} bytes  fw {ident.get('firmware_version') or '?'}"
+            f"{r.size_bytes} bytes  fw {ident.get('firmware_version') or '?'}"
         )
     return 0
 

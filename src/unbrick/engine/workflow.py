@@ -796,7 +796,7 @@ class Workbench:
             identity = cast(Identify, dev).identify()
             profile = self._match_profile(identity, None, required=True)
             assert profile is not None
-            owner = DeviceIdentity.from_dict(record.meta["identity"])
+            owner = DeviceIdentity.from_dict(record.meta["device_identity"])
             self.store.create_job(
                 self._job_record(
                     job_id,
