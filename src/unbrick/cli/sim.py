@@ -1,0 +1,192 @@
+"""``unbrick sim KIND --name NAME``: run a simulated device in the foreground.
+
+The simulator serves the device's recovery interface and its SPI face on TCP, publishes
+``REGISTRY/NAME.json`` so that ``sim://NAME`` finds it, and runs until SIGTERM or SIGINT, when
+it stops cleanly and removes the registry file. The device's flash and config persist in the
+state directory between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from unbrick.errors import UnbrickError, UsageError
+
+_FAULT_KEYS = (
+    "power-cut-after",
+    "bit-error-rate",
+    "disconnect-after",
+    "slow",
+    "power-on-delay",
+    "seed",
+)
+_FLOAT_KEYS = ("bit-error-rate", "power-on-delay")
+
+if TYPE_CHECKING:
+    from unbrick.sim.device import Faults
+
+
+def parse_faults(specs: tuple[str, ...]) -> Faults:
+    """``KEY=VALUE`` fault options (keys in ``_FAULT_KEYS``) into a ``Faults``."""
+    from unbrick.sim.device import Faults
+
+    values: dict[str, float] = {}
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in _FAULT_KEYS:
+            raise UsageError(
+                f"--fault {spec!r} is not KEY=VALUE with a known KEY",
+                hint=f"keys: {', '.join(_FAULT_KEYS)}",
+            )
+        try:
+            values[key] = float(text) if key in _FLOAT_KEYS else int(text, 0)
+        except ValueError as e:
+            raise UsageError(f"--fault {spec!r}: {text!r} is not a number") from e
+
+    def opt_int(key: str) -> int | None:
+        return int(values[key]) if key in values else None
+
+    return Faults(
+        power_cut_after_ops=opt_int("power-cut-after"),
+        link_bit_error_rate=values.get("bit-error-rate", 0.0),
+        disconnect_after_frames=opt_int("disconnect-after"),
+        slow_link_bytes_per_s=opt_int("slow"),
+        power_on_delay_s=values.get("power-on-delay", 0.05),
+        seed=opt_int("seed") or 0,
+    )
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen {text!r} is not HOST:PORT", hint="e.g. 127.0.0.1:0")
+    try:
+        number = int(port)
+    except ValueError as e:
+        raise UsageError(f"--listen {text!r}: port {port!r} is not a number") from e
+    if not 0 <= number <= 65535:
+        raise UsageError(f"--listen {text!r}: port out of range")
+    return host, number
+
+
+@click.command("sim")
+@click.argument("kind")
+@click.option("--name", required=True, help="Device name: sim://NAME opens it.")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to serve.")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), help="Flash/config.")
+@click.option("--registry", type=click.Path(path_type=Path, file_okay=False), help="Registry dir.")
+@click.option("--fault", "faults", multiple=True, help="KEY=VALUE fault (repeatable).")
+@click.option("--reset-factory", is_flag=True, help="Start from a factory-fresh device.")
+@click.option("--brick", type=click.Choice(["soft", "hard"]), help="Damage the device first.")
+def sim(
+    kind: str,
+    name: str,
+    listen: str,
+    state_dir: Path | None,
+    registry: Path | None,
+    faults: tuple[str, ...],
+    reset_factory: bool,
+    brick: str | None,
+) -> int:
+    """Run a simulated device of KIND (router, router-ab) until SIGTERM/SIGINT.
+
+    Faults: power-cut-after=N (the Nth flash operation is cut short by a power loss),
+    bit-error-rate=P (per answer frame), disconnect-after=N (frames per connection),
+    slow=BYTES_PER_S, power-on-delay=S, seed=N.
+    """
+    from unbrick.sim.device import check_name
+    from unbrick.sim.kinds import create_device, device_exists, get_kind, load_device
+    from unbrick.sim.server import SimServer
+    from unbrick.transports.sim import (
+        RegistryEntry,
+        default_registry_dir,
+        read_registry,
+        registry_path,
+        write_registry,
+    )
+
+    get_kind(kind)
+    check_name(name)
+    host, port = parse_listen(listen)
+    fault_set = parse_faults(faults)
+    registry_dir = registry or default_registry_dir(os.environ, Path.home())
+    devices_dir = state_dir or registry_dir / "devices"
+
+    if reset_factory or not device_exists(devices_dir, name):
+        device = create_device(kind, devices_dir, name, power_on=False)
+    else:
+        device = load_device(devices_dir, name, power_on=False)
+        if device.kind != kind:
+            device.close()
+            raise UsageError(
+                f"device {name!r} in {devices_dir} is a {device.kind}, not a {kind}",
+                hint="use --reset-factory to recreate it, or another --name",
+            )
+    stop = threading.Event()
+    server = None
+    reg_file: Path | None = None
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+        device.power_on()
+        if brick:
+            device.simulate_brick(brick)
+        device.set_faults(fault_set)
+        server = SimServer(device, host, port)
+        ports = server.start()
+        reg_file = write_registry(
+            registry_dir,
+            RegistryEntry(name, ports.host, ports.port, ports.spi_port, os.getpid(), kind),
+        )
+        click.echo(
+            f"sim {name} ({kind}) listening on {ports.host}:{ports.port}, "
+            f"spi {ports.host}:{ports.spi_port}"
+        )
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if server is not None:
+            server.stop()
+        device.close()
+        if reg_file is not None:
+            try:
+                if read_registry(registry_dir, name).pid == os.getpid():
+                    registry_path(registry_dir, name).unlink(missing_ok=True)
+            except (UnbrickError, OSError):
+                pass
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return 0
+
+
+def _standalone(argv: list[str]) -> int:
+    """``python -m unbrick.cli.sim``: the command without the rest of the CLI."""
+    try:
+        rv = sim.main(args=argv, prog_name="unbrick sim", standalone_mode=False)
+    except click.UsageError as e:
+        click.echo(f"unbrick: error: {e.format_message()}", err=True)
+        return UsageError.exit_code
+    except UnbrickError as e:
+        click.echo(f"unbrick: error: {e.one_line()}", err=True)
+        return e.exit_code
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone(sys.argv[1:]))
