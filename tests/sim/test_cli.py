@@ -179,3 +179,47 @@ def test_option_parsers() -> None:
     assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
     with pytest.raises(UsageError, match="out of range"):
         parse_listen("127.0.0.1:70000")
+
+
+def test_sim_command_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same command run in this process (the signal handler is the command's own)."""
+    import os
+    import threading
+    import time
+
+    from unbrick.cli.sim import _standalone
+
+    registry = tmp_path / "reg" / "ip.json"
+    seen: list[str] = []
+
+    def stopper() -> None:
+        deadline = time.monotonic() + 20
+        while not registry.exists():
+            if time.monotonic() > deadline:
+                return  # the command failed to start; nothing to stop
+            time.sleep(0.01)
+        try:
+            with _open(tmp_path, "ip") as drv:
+                seen.append(drv.identify().model)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=stopper)
+    thread.start()
+    code = _standalone(_argv(tmp_path, "router-ab", "ip", "--fault", "slow=10000000")[3:])
+    thread.join(20)
+    assert code == 0
+    assert seen == ["SimRouterAB"]
+    assert not registry.exists()
+    assert capsys.readouterr().out.startswith("sim ip (router-ab) listening on 127.0.0.1:")
+
+
+def test_sim_command_refuses_another_kind_for_an_existing_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unbrick.cli.sim import _standalone
+    from unbrick.sim.kinds import create_device
+
+    create_device("router", tmp_path / "state", "k").close()
+    assert _standalone(_argv(tmp_path, "router-ab", "k")[3:]) == 2
+    assert "is a router, not a router-ab" in capsys.readouterr().err

@@ -194,7 +194,10 @@ class SimDriver:
         self.hello: dict[str, Any] = {}
         self._connect(connect_wait_s)
         self.kind = str(self.hello.get("kind", ""))
-        self.max_transfer = min(max_transfer, int(self.hello.get("max_transfer", max_transfer)))
+        offered = self.hello.get("max_transfer", max_transfer)
+        if not isinstance(offered, int) or offered < 1:
+            raise TransportError(f"{address.uri}: the device offers a bad max_transfer {offered!r}")
+        self.max_transfer = min(max_transfer, offered)
         caps = {Capability.IDENTIFY, Capability.READ, Capability.ERASE, Capability.WRITE}
         if face == "generic":
             caps |= {Capability.DEVICE_HASH, Capability.REBOOT}
@@ -286,18 +289,27 @@ class SimDriver:
     def identify(self) -> DeviceIdentity:
         if self.face == "spi":
             f = self._call("chip", retry=True).fields
-            storage = f.get("storage")
+            try:
+                st = f["storage"]
+                storage = StorageInfo(
+                    type=str(st["type"]),
+                    size_bytes=int(st["size_bytes"]),
+                    erase_block_bytes=int(st["erase_block_bytes"]),
+                    page_bytes=int(st.get("page_bytes", 1)),
+                )
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise TransportError(f"chip answer is malformed: {e!r}") from e
             return DeviceIdentity(
                 model=str(f.get("chip", "")),
                 serial=str(f.get("unique_id", "")),
-                storage=StorageInfo(**storage) if isinstance(storage, dict) else None,
+                storage=storage,
                 extra={"face": "spi", "jedec_id": str(f.get("jedec_id", "")), "kind": self.kind},
             )
         fields = self._call("identify", retry=True).fields
         try:
             return DeviceIdentity.from_dict(fields["identity"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise TransportError(f"identify answer is malformed: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TransportError(f"identify answer is malformed: {e!r}") from e
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray()

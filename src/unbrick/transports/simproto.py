@@ -9,9 +9,22 @@ payload is detected and the stream stays in step. Requests are ``{"op": ..., "id
 responses ``{"id": n, "ok": true|false, "error": "...", "hint": "...", ...}``. Every bound is
 checked before anything is allocated; anything malformed raises :class:`ProtocolError`.
 
-Ops (generic face): hello, identify, state, bootlog, read, erase, program, hash, reboot,
-enter_recovery, boot_state, set_trial, commit. The SPI face (a clip-on programmer on the
-chip) answers hello, chip, read, erase and program.
+Ops of the generic face (request arguments -> answer fields; payloads in brackets):
+
+* ``hello`` version -> protocol, face, kind, model, ab, max_transfer, state, boot_id,
+  firmware_version, booted_slot
+* ``identify`` -> identity (``DeviceIdentity.to_dict()``)
+* ``state`` -> state, boot_id, firmware_version, booted_slot
+* ``bootlog`` -> the state fields, [the boot log as UTF-8]
+* ``read`` offset, length -> [data];  ``erase`` offset, length;  ``program`` offset, [data]
+* ``hash`` offset, length, algorithm -> digest, algorithm
+* ``reboot`` -> reset (true; the link drops once the answer is sent)
+* ``enter_recovery`` -> reset (true when the device had to restart into its bootloader)
+* ``boot_state`` -> active_slot, trial_slot, bootcount, bootlimit, extra
+* ``set_trial`` slot;  ``commit`` slot
+
+The SPI face (a clip-on programmer on the chip) answers ``hello``, ``chip`` (-> chip,
+jedec_id, unique_id, storage), ``read``, ``erase`` and ``program``.
 """
 
 from __future__ import annotations
