@@ -472,3 +472,21 @@ def test_facts_from_report_dicts() -> None:
     assert integrity.requested == ("sha256", "minisign")
     assert integrity.passed == ("sha256",)
     assert integrity.checks[1].error == "SignatureError"
+
+
+def test_integrity_facts_from_a_verify_report() -> None:
+    from pathlib import Path
+
+    from unbrick.trust.verify import Check, VerifyReport
+
+    report = VerifyReport(
+        Path("fw.bin"),
+        checks=[
+            Check("sha256", True, "ok"),
+            Check("openpgp", False, "bad", error="SignatureError"),
+        ],
+    )
+    facts = IntegrityFacts.from_report(report)
+    assert facts == IntegrityFacts.from_dict(report.to_dict())
+    assert facts.checks[1] == IntegrityCheckFacts("openpgp", False, "bad", "SignatureError")
+    assert IntegrityFacts.from_report(None) == IntegrityFacts()

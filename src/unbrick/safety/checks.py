@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from unbrick.errors import IntegrityError, PreflightError, SignatureError, UsageError
 from unbrick.model.identity import DeviceIdentity
@@ -159,6 +159,24 @@ class IntegrityCheckFacts:
     weak: bool = False
 
 
+class _CheckLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def passed(self) -> bool: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def weak(self) -> bool: ...
+
+
+class _ReportLike(Protocol):
+    @property
+    def checks(self) -> list[Any]: ...
+
+
 @dataclass(frozen=True)
 class IntegrityFacts:
     """The integrity checks that ran on the image (``VerifyReport`` as plain data)."""
@@ -172,6 +190,19 @@ class IntegrityFacts:
     @property
     def passed(self) -> tuple[str, ...]:
         return tuple(c.id for c in self.checks if c.passed)
+
+    @classmethod
+    def from_report(cls, report: _ReportLike | None) -> IntegrityFacts:
+        """From a ``VerifyReport`` (read through its attributes; None: nothing was checked)."""
+        if report is None:
+            return cls()
+        out: list[IntegrityCheckFacts] = []
+        for c in report.checks:
+            check: _CheckLike = c
+            out.append(
+                IntegrityCheckFacts(check.id, check.passed, check.detail, check.error, check.weak)
+            )
+        return cls(tuple(out))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> IntegrityFacts:
