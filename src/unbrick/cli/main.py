@@ -12,6 +12,8 @@ import click
 
 from unbrick import __version__
 from unbrick.cli.image import image
+from unbrick.cli.sim import sim
+from unbrick.cli.workbench import COMMANDS
 from unbrick.errors import InternalError, UnbrickError, UsageError
 
 
@@ -22,6 +24,9 @@ def cli() -> None:
 
 
 cli.add_command(image)
+cli.add_command(sim)
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def _fail(err: UnbrickError) -> int:
