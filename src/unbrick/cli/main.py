@@ -11,6 +11,7 @@ import sys
 import click
 
 from unbrick import __version__
+from unbrick.cli.diagnose import diagnose
 from unbrick.cli.image import image
 from unbrick.cli.sim import sim
 from unbrick.cli.workbench import COMMANDS
@@ -25,6 +26,7 @@ def cli() -> None:
 
 cli.add_command(image)
 cli.add_command(sim)
+cli.add_command(diagnose)
 for _command in COMMANDS:
     cli.add_command(_command)
 

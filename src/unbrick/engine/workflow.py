@@ -9,6 +9,7 @@ pick up a job interrupted by a crash, a kill or a power cut, re-reading the devi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import hashlib
 import logging
@@ -312,29 +313,28 @@ class Workbench:
                 cms_ca=ir.cms_ca,
             )
         target, slot = self._target(dev, profile, request, flash_size, manifest)
-        region = profile.region(target.region)
         forced = dict(request.forced)
         ctx = checks.PreflightContext(
             identity=identity,
             profile=profile,
-            regions=(region,) if region is not None else (),
-            target_offset=target.offset,
-            target_size=target.size,
+            targets=(self._target_region(profile, target),),
             image=checks.ImageFacts(
-                path=str(image),
                 format=report.format,
-                size=flash_size,
+                size_bytes=report.size,
                 sha256=report.sha256,
                 valid=report.valid,
                 problems=tuple(report.problems),
+                expanded_size_bytes=flash_size if flash_path != image else None,
             ),
-            integrity=checks.IntegrityFacts.from_report(integrity) if integrity else None,
+            integrity=checks.IntegrityFacts.from_report(integrity),
             manifest=manifest,
-            backup_verified=False,
+            backup=checks.BackupStatus(),
             backup_planned=True,
-            allow_downgrade=request.allow_downgrade,
-            allow_critical=request.allow_critical,
-            forced=forced,
+            options=checks.PreflightOptions(
+                allow_downgrade=request.allow_downgrade,
+                allow_critical=request.allow_critical,
+                forced=forced,
+            ),
         )
         result = checks.run_preflight(ctx)
         steps = ["preflight", "backup"]
@@ -395,10 +395,10 @@ class Workbench:
             containing = next(
                 (r for r in profile.regions if r.offset <= request.offset < r.end), None
             )
-            name = containing.name if containing else f"offset-0x{request.offset:x}"
-            return Target(name, request.offset, size, eb), None
-        name = request.region or (manifest.target if manifest and manifest.target else None)
-        name = name or profile.default_region
+            where = containing.name if containing else f"offset-0x{request.offset:x}"
+            return Target(where, request.offset, size, eb), None
+        chosen = request.region or (manifest.target if manifest and manifest.target else None)
+        name = chosen or profile.default_region
         if name is None:
             raise UsageError(
                 f"profile {profile.id} names no default region",
@@ -417,6 +417,19 @@ class Workbench:
         elif region.slot is not None:
             slot = region.slot
         return Target(region.name, region.offset, size, eb), slot
+
+    @staticmethod
+    def _target_region(profile: Profile, target: Target) -> Region:
+        """The region the checks see: the profile's, or the span from an --offset to its end."""
+        region = profile.region(target.region)
+        if region is not None and region.offset == target.offset:
+            return region
+        if region is not None:
+            return dataclasses.replace(
+                region, offset=target.offset, size=region.end - target.offset
+            )
+        end = profile.storage.size_bytes
+        return Region(target.region, target.offset, max(0, end - target.offset), kind="data")
 
     def _inactive_slot(self, dev: Device, slots: tuple[Region, ...]) -> tuple[Region, str]:
         if Capability.BOOT_CONTROL not in dev.capabilities:

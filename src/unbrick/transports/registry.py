@@ -25,7 +25,7 @@ def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> D
     """Open the driver for ``address``; UsageError for protocols without a driver yet."""
     opts = options or OpenOptions()
     if address.protocol == "sim":
-        from unbrick.transports.sim import open_sim
+        from unbrick.transports.sim import open_sim  # noqa: PLC0415 - drivers load lazily
 
         return open_sim(address, registry_dir=opts.sim_registry, timeout_s=opts.timeout_s)
     raise UsageError(
