@@ -37,7 +37,7 @@ class JsonLinesSink:
         return None
 
 
-_SKIP_DETAIL = {"checks", "problems"}
+_SKIP_DETAIL = {"checks", "problems", "duration_s"}
 
 
 def _brief(data: dict[str, Any]) -> str:

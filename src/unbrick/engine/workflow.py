@@ -175,7 +175,7 @@ class JobResult:
         }
 
 
-class _Cut(Exception):
+class _Cut(TransportError):
     """Internal: the device went away mid-job; the job stays resumable."""
 
 
