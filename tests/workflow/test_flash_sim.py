@@ -18,6 +18,7 @@ from unbrick.errors import (
     PreflightError,
     RolledBack,
     SignatureError,
+    TransportError,
     UnbrickError,
     UsageError,
 )
@@ -299,3 +300,49 @@ def _minisign(tmp: Path, message: bytes) -> tuple[Path, Path]:
         + "\n"
     )
     return pub, sig_path
+
+
+# ------------------------------------------------------------------------- hard brick
+
+
+def test_hard_brick_is_revived_through_the_spi_face(bench: Bench) -> None:
+    wb = bench.workbench()
+    backup = wb.backup(bench.uri)
+    assert backup.backup_id is not None
+    bench.device.simulate_brick("hard")
+    assert bench.device.state == "dead"
+    with pytest.raises(TransportError):
+        wb.probe(bench.uri)
+    spi = bench.uri + "?via=spi"
+    # Through a clip the chip, not the router, answers: the unit's own backup is forced on
+    # purpose, and the bootloader is critical.
+    with pytest.raises(PreflightError) as info:
+        wb.restore(spi, backup.backup_id, profile_id="sim-router")
+    assert info.value.check_id == "backup.device"
+    forced = {"backup.device": "clip on the same board, serial on its label"}
+    with pytest.raises(PreflightError) as info:
+        wb.restore(spi, backup.backup_id, profile_id="sim-router", forced=forced)
+    assert info.value.check_id == "region.critical"
+    result = wb.restore(
+        spi, backup.backup_id, profile_id="sim-router", forced=forced, allow_critical=True
+    )
+    assert result.outcome == "success" and "bootloader" in result.detail["regions"]
+    steps = {s.name: s.result for s in wb.store.steps(result.job_id)}
+    assert steps["reboot"] == "skipped"
+    bench.device.reset()
+    bench.device.wait_state(("firmware",), 5.0)
+    identity, profile = wb.probe(bench.uri)
+    assert identity.firmware_version == "1.0.0" and profile is not None
+
+
+def test_android_info_requirements_are_honoured(bench: Bench) -> None:
+    fw = bench.firmware("2.0.0")
+    info = bench.tmp / "android-info.txt"
+    info.write_text("require board=Pixel9|Pixel9Pro\nrequire version-bootloader=2023.01-sim\n")
+    req = bench.request(fw, android_info=info)
+    err = _refused(bench, req, PreflightError, "android.requirements", 3)
+    assert "Pixel9" in err.message
+    info.write_text("require board=SimRouter\nreject version-bootloader=2019.*\n")
+    assert bench.workbench().flash(bench.uri, bench.request(fw, android_info=info)).outcome == (
+        "success"
+    )

@@ -129,6 +129,9 @@ def _print_plan(plan: Any) -> None:
 @click.option("--offset", help="Absolute offset to write at instead of a region.")
 @click.option("--profile", help="Profile id or TOML file to use instead of matching.")
 @click.option("--manifest", type=_image, help="Firmware manifest (default IMAGE.manifest.toml).")
+@click.option(
+    "--android-info", type=_image, help="android-info.txt whose require/reject lines must hold."
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and the checks; write nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines events and result.")
@@ -156,6 +159,7 @@ def flash(
     offset: str | None,
     profile: str | None,
     manifest: Path | None,
+    android_info: Path | None,
     dry_run: bool,
     yes: bool,
     as_json: bool,
@@ -187,6 +191,7 @@ def flash(
         region=region,
         offset=_int(offset, "--offset"),
         manifest=manifest,
+        android_info=android_info,
         integrity=IntegrityRequest(
             sha256=sha256,
             sums=sums,
@@ -270,6 +275,7 @@ def backup(uri: str, regions: tuple[str, ...], as_json: bool) -> int:
 @click.argument("backup_id")
 @click.option("--yes", is_flag=True)
 @click.option("--allow-critical", is_flag=True, help="Allow rewriting the bootloader.")
+@click.option("--profile", help="Profile id or TOML file (needed through a flash programmer).")
 @click.option("--force", multiple=True, metavar="CHECK_ID")
 @click.option("--reason", multiple=True, metavar="TEXT")
 @click.option("--json", "as_json", is_flag=True)
@@ -278,6 +284,7 @@ def restore(
     backup_id: str,
     yes: bool,
     allow_critical: bool,
+    profile: str | None,
     force: tuple[str, ...],
     reason: tuple[str, ...],
     as_json: bool,
@@ -287,9 +294,11 @@ def restore(
 
     forced = dict(_forced(force, reason))
     sink = _sink(as_json)
-    with sink, workbench(sink) as (wb, _):
+    with sink, workbench(sink, profile) as (wb, chosen):
         _confirm(f"Restore backup {backup_id} to {uri}?", yes, as_json)
-        result = wb.restore(uri, backup_id, allow_critical=allow_critical, forced=forced)
+        result = wb.restore(
+            uri, backup_id, profile_id=chosen, allow_critical=allow_critical, forced=forced
+        )
         _report(result.to_dict(), as_json, sink)
     return 0
 

@@ -39,7 +39,7 @@ from unbrick.errors import (
     VerifyError,
 )
 from unbrick.model.identity import DeviceIdentity
-from unbrick.model.manifest import Manifest, parse_manifest
+from unbrick.model.manifest import Manifest, parse_android_info, parse_manifest
 from unbrick.model.profile import Profile, Region
 from unbrick.model.profile_toml import ProfileSet
 from unbrick.model.uri import DeviceAddress, parse_device_uri
@@ -87,6 +87,8 @@ class FlashRequest:
     #: Profile id to use instead of matching the device's identity.
     profile_id: str | None = None
     manifest: Path | None = None
+    #: Android ``android-info.txt`` whose require/reject lines must hold for the device.
+    android_info: Path | None = None
     integrity: IntegrityRequest = field(default_factory=IntegrityRequest)
     allow_downgrade: bool = False
     allow_critical: bool = False
@@ -300,6 +302,13 @@ class Workbench:
             convert_path(image, flash_path, "raw", raw_options=RawOptions())
             flash_size = flash_path.stat().st_size
         manifest = self._manifest(request)
+        android_info = None
+        if request.android_info is not None:
+            try:
+                text = request.android_info.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise SourceError(f"{request.android_info}: cannot read: {e.strerror}") from e
+            android_info = parse_android_info(text)
         integrity: VerifyReport | None = None
         if request.integrity.any:
             ir = request.integrity
@@ -328,6 +337,8 @@ class Workbench:
             ),
             integrity=checks.IntegrityFacts.from_report(integrity),
             manifest=manifest,
+            android_info=android_info,
+            android_vars=_android_vars(identity),
             backup=checks.BackupStatus(),
             backup_planned=True,
             options=checks.PreflightOptions(
@@ -507,14 +518,17 @@ class Workbench:
                 self._verify(job_id, dev, plan, p_verify)
             else:
                 p_verify.finish()
+            report: BootReport | None = None
             if state in (JobState.VERIFY, JobState.REBOOT, JobState.VALIDATE):
                 state = self._move(job_id, state, JobState.REBOOT)
-                report = self._reboot(job_id, dev, plan)
+                if Capability.REBOOT in dev.capabilities:
+                    report = self._reboot(job_id, dev, plan)
+                    state = self._move(job_id, state, JobState.VALIDATE)
+                    self._validate(job_id, plan, report)
+                else:
+                    self._skip(job_id, "reboot", _NO_RESET)
+                    self._skip(job_id, "validate", _NO_RESET)
                 p_boot.finish()
-                state = self._move(job_id, state, JobState.VALIDATE)
-                self._validate(job_id, plan, report)
-            else:
-                report = None
             state = self._move(job_id, state, JobState.COMMIT)
             with self._step(job_id, "commit", slot=plan.slot) as detail:
                 if plan.slot is not None:
@@ -791,6 +805,7 @@ class Workbench:
         uri: str,
         backup_id: str,
         *,
+        profile_id: str | None = None,
         allow_critical: bool = False,
         forced: Mapping[str, str] | None = None,
         operator: str = "",
@@ -807,7 +822,7 @@ class Workbench:
         job_id = new_job_id()
         with self._device(address) as dev:
             identity = cast(Identify, dev).identify()
-            profile = self._match_profile(identity, None, required=True)
+            profile = self._match_profile(identity, profile_id, required=True)
             assert profile is not None
             owner = DeviceIdentity.from_dict(record.meta["device_identity"])
             self.store.create_job(
@@ -883,23 +898,28 @@ class Workbench:
                         self._write_from_backup(dev, target, full_id)
                         detail["bytes"] = region.size
                 state = self._move(job_id, state, JobState.REBOOT)
-                with self._step(job_id, "reboot") as detail:
-                    report = cast(Reboot, dev).reboot(profile.boot.timeout_s)
-                    detail.update(state=report.state, firmware_version=report.firmware_version)
-                for line in report.log.splitlines()[-40:]:
-                    self.store.add_event(
-                        job_id, Event("log", "console", job_id, data={"line": line})
-                    )
-                state = self._move(job_id, state, JobState.VALIDATE)
-                with self._step(job_id, "validate") as detail:
-                    problems = boot_problems(profile, report, owner.firmware_version, None)
-                    detail["problems"] = problems
-                    if problems:
-                        raise DeviceError(
-                            "the restored device does not boot: " + "; ".join(problems),
-                            hint="the backup may hold a broken firmware; "
-                            "flash a known-good image instead",
+                report: BootReport | None = None
+                if Capability.REBOOT not in dev.capabilities:
+                    self._skip(job_id, "reboot", _NO_RESET)
+                    self._skip(job_id, "validate", _NO_RESET)
+                else:
+                    with self._step(job_id, "reboot") as detail:
+                        report = cast(Reboot, dev).reboot(profile.boot.timeout_s)
+                        detail.update(state=report.state, firmware_version=report.firmware_version)
+                    for line in report.log.splitlines()[-40:]:
+                        self.store.add_event(
+                            job_id, Event("log", "console", job_id, data={"line": line})
                         )
+                    state = self._move(job_id, state, JobState.VALIDATE)
+                    with self._step(job_id, "validate") as detail:
+                        problems = boot_problems(profile, report, owner.firmware_version, None)
+                        detail["problems"] = problems
+                        if problems:
+                            raise DeviceError(
+                                "the restored device does not boot: " + "; ".join(problems),
+                                hint="the backup may hold a broken firmware; "
+                                "flash a known-good image instead",
+                            )
             except UnbrickError as e:
                 self.store.update_job(
                     job_id,
@@ -958,6 +978,11 @@ class Workbench:
                 verify_range(dev, target, image)
         finally:
             data.unlink(missing_ok=True)
+
+    def _skip(self, job_id: str, name: str, reason: str) -> None:
+        step_id = self.store.begin_step(job_id, name, {})
+        self.store.end_step(step_id, result="skipped", detail={"reason": reason}, error=None)
+        self.sink.emit(Event("step-end", name, job_id, data={"skipped": reason}))
 
     def _enter_recovery_profile(self, dev: Device, profile: Profile) -> None:
         if Capability.REBOOT in dev.capabilities:
@@ -1148,6 +1173,12 @@ class Workbench:
         self.sink.emit(Event("step-end", name, job_id, data={**detail, "duration_s": duration}))
 
 
+_NO_RESET = (
+    "this link cannot reset the device (a flash programmer): power-cycle it, then check it "
+    "with 'unbrick device probe'"
+)
+
+
 class _BootFailed(Exception):
     """Internal: the first boot after the write did not validate."""
 
@@ -1172,6 +1203,21 @@ def boot_problems(
     if slot is not None and report.booted_slot not in (None, slot):
         problems.append(f"the device booted slot '{report.booted_slot}', not the new '{slot}'")
     return problems
+
+
+def _android_vars(identity: DeviceIdentity) -> dict[str, str]:
+    """The fastboot variables android-info.txt lines test, from what the device reported.
+
+    A fastboot driver reports getvar answers in ``identity.extra``; other links map the
+    identity: product is the model, version-bootloader the bootloader version.
+    """
+    out = {"product": identity.model}
+    if identity.bootloader_version:
+        out["version-bootloader"] = identity.bootloader_version
+    if identity.hw_revision:
+        out["hw-revision"] = identity.hw_revision
+    out.update(identity.extra)
+    return out
 
 
 def _other_slot(profile: Profile, slot: str) -> str:
