@@ -180,3 +180,15 @@ def test_progress_is_weighted_and_never_goes_back() -> None:
     events = [e for e in sink.events if e.kind == "progress"]
     assert events and events[-1].data["fraction"] == 1.0
     assert isinstance(events[0], Event) and events[0].job == "J1"
+
+
+def test_docs_list_every_check_with_its_override_rule() -> None:
+    import re
+    from pathlib import Path
+
+    from unbrick.safety.checks import CHECKS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "workflow.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \|.*\| (yes|no)\b", doc, re.MULTILINE))
+    for c in CHECKS:
+        assert rows.get(c.id) == ("yes" if c.overridable else "no"), c.id
