@@ -530,6 +530,8 @@ class Workbench:
                     self._skip(job_id, "validate", _NO_RESET)
                 p_boot.finish()
             state = self._move(job_id, state, JobState.COMMIT)
+            if plan.slot is not None:
+                self._check_same_device(job_id, dev, plan.identity)
             with self._step(job_id, "commit", slot=plan.slot) as detail:
                 if plan.slot is not None:
                     cast(BootControl, dev).commit(plan.slot)
@@ -724,6 +726,7 @@ class Workbench:
         eb = plan.target.erase_block
         span = -(-plan.target.size // eb) * eb
         self._enter_recovery(dev, plan)
+        self._check_same_device(job_id, dev, plan.identity)
         self._write_from_backup(
             dev, Target(plan.target.region, plan.target.offset, span, eb), backup_id
         )
