@@ -346,3 +346,31 @@ def test_android_info_requirements_are_honoured(bench: Bench) -> None:
     assert bench.workbench().flash(bench.uri, bench.request(fw, android_info=info)).outcome == (
         "success"
     )
+
+
+def test_compressed_image_is_expanded_before_writing(bench: Bench) -> None:
+    import gzip
+
+    from unbrick.sim.firmware import build_manifest_toml
+
+    raw = bench.firmware("2.0.0", manifest=False)
+    gz = raw.with_name("fw.bin.gz")
+    gz.write_bytes(gzip.compress(raw.read_bytes(), mtime=0))
+    gz.with_name(gz.name + ".manifest.toml").write_text(
+        build_manifest_toml(
+            model="SimRouter",
+            version="2.0.0",
+            security_version=1,
+            target="firmware",
+            sha256=hashlib.sha256(gz.read_bytes()).hexdigest(),
+            hw_revisions=("B2",),
+            regions=("EU",),
+        )
+    )
+    wb = bench.workbench()
+    plan = wb.plan(bench.uri, bench.request(gz))
+    assert plan.image_format == "gzip" and plan.flash_path != gz
+    assert plan.target.size == len(raw.read_bytes())
+    result = wb.flash(bench.uri, bench.request(gz), plan=plan)
+    assert result.outcome == "success" and bench.device.firmware_version == "2.0.0"
+    assert bench.flash_bytes()[0x80000 : 0x80000 + plan.target.size] == raw.read_bytes()

@@ -131,7 +131,7 @@ def run_rescue(
         _confirm(f"Flash {image.name} to {identity.model} {identity.serial}?", yes, False)
         job_id = ""
         try:
-            result = wb.flash(uri, request)
+            result = wb.flash(uri, request, plan=plan)
             job_id = result.job_id
         except UnbrickError as e:
             job_id = _job_of(wb, identity.serial) or ""

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from unbrick.errors import UnbrickError, UsageError
+from unbrick.errors import UsageError
 
 _image = click.Path(path_type=Path, dir_okay=False)
 
@@ -226,7 +226,7 @@ def flash(
                 yes,
                 as_json,
             )
-        result = wb.flash(uri, request)
+        result = wb.flash(uri, request, plan=plan)
         _report(result.to_dict(), as_json, sink)
     return 0
 
@@ -438,5 +438,3 @@ def rescue(
 
 
 COMMANDS = (device, flash, backup, restore, backups, resume, log_cmd, rescue)
-
-__all__ = ["COMMANDS", "UnbrickError"]

@@ -26,7 +26,14 @@ from unbrick.engine.events import Event, EventSink, Progress, progress_event
 from unbrick.engine.states import JobState, transition
 from unbrick.engine.store import JobRecord, JobStore, new_job_id
 from unbrick.engine.vault import BackupVault
-from unbrick.engine.writer import ImageData, Target, bad_ranges, verify_range, write_range
+from unbrick.engine.writer import (
+    ImageData,
+    Target,
+    bad_ranges,
+    range_digest,
+    verify_range,
+    write_range,
+)
 from unbrick.errors import (
     DeviceError,
     JobError,
@@ -50,8 +57,6 @@ from unbrick.transports.base import (
     BootReport,
     Capability,
     Device,
-    DeviceHash,
-    FlashRead,
     Identify,
     Reboot,
 )
@@ -224,14 +229,25 @@ class Workbench:
     # ---------------------------------------------------------------- flashing
 
     def flash(
-        self, uri: str, request: FlashRequest, *, progress: Progress | None = None
+        self,
+        uri: str,
+        request: FlashRequest,
+        *,
+        plan: Plan | None = None,
+        progress: Progress | None = None,
     ) -> JobResult:
         """Run a flash job. Raises the refusal (PreflightError/IntegrityError: nothing was
-        written), VerifyError/DeviceError (job resumable), or RolledBack."""
+        written), VerifyError/DeviceError (job resumable), or RolledBack.
+
+        ``plan`` is a plan just made for the same device and request (the one shown to the
+        user), reused so the image is not inspected twice; the device identity is read again
+        before anything is written either way.
+        """
         address = parse_device_uri(uri)
         job_id = new_job_id()
         with self._device(address) as dev:
-            plan = self._plan(address, dev, request, job_id=job_id)
+            if plan is None or plan.device_uri != uri:
+                plan = self._plan(address, dev, request, job_id=job_id)
             job = JobRecord(
                 id=job_id,
                 created_at=time.time(),
@@ -296,11 +312,15 @@ class Workbench:
         flash_size = report.size
         if report.valid and report.format not in FLASHABLE_AS_IS and report.format in TO_RAW:
             # Sparse, compressed and address-based images are expanded to what goes on flash.
-            work = self.workdir / (job_id or "plan")
+            # Named by the source's SHA-256: a resumed job finds exactly what it wrote.
+            work = self.workdir / "expanded"
             work.mkdir(parents=True, exist_ok=True)
-            flash_path = work / (image.name + ".raw")
-            convert_path(image, flash_path, "raw", raw_options=RawOptions())
+            flash_path = work / f"{report.sha256}.raw"
+            if not flash_path.is_file():
+                convert_path(image, flash_path, "raw", raw_options=RawOptions())
             flash_size = flash_path.stat().st_size
+        # What the checks judge is what goes on flash: the expanded content when there is one.
+        written = inspect_path(flash_path) if flash_path != image else report
         manifest = self._manifest(request)
         android_info = None
         if request.android_info is not None:
@@ -328,11 +348,11 @@ class Workbench:
             profile=profile,
             targets=(self._target_region(profile, target),),
             image=checks.ImageFacts(
-                format=report.format,
+                format=written.format,
                 size_bytes=report.size,
                 sha256=report.sha256,
-                valid=report.valid,
-                problems=tuple(report.problems),
+                valid=report.valid and written.valid,
+                problems=tuple(report.problems) + tuple(written.problems),
                 expanded_size_bytes=flash_size if flash_path != image else None,
             ),
             integrity=checks.IntegrityFacts.from_report(integrity),
@@ -954,17 +974,7 @@ class Workbench:
             want = hashlib.sha256()
             for piece in backups.iter_range(self.vault, backup_id, region.offset, region.size):
                 want.update(piece)
-            if Capability.DEVICE_HASH in dev.capabilities:
-                got = cast(DeviceHash, dev).device_hash(region.offset, region.size, "sha256")
-            else:
-                reader = cast(FlashRead, dev)
-                h = hashlib.sha256()
-                pos = 0
-                while pos < region.size:
-                    k = min(reader.max_transfer, region.size - pos)
-                    h.update(reader.read(region.offset + pos, k))
-                    pos += k
-                got = h.hexdigest()
+            got = range_digest(dev, region.offset, region.size)
             if got != want.hexdigest():
                 changed.append(region)
         return changed

@@ -112,6 +112,20 @@ def _ranges(size: int) -> list[tuple[int, int]]:
     return [(o, min(VERIFY_RANGE, size - o)) for o in range(0, size, VERIFY_RANGE)]
 
 
+def range_digest(device: Device, offset: int, length: int) -> str:
+    """SHA-256 of a device range: computed by the device when it can, else read back."""
+    if Capability.DEVICE_HASH in device.capabilities:
+        return cast(DeviceHash, device).device_hash(offset, length, "sha256")
+    reader = cast(FlashRead, device)
+    h = hashlib.sha256()
+    pos = 0
+    while pos < length:
+        k = min(reader.max_transfer, length - pos)
+        h.update(reader.read(offset + pos, k))
+        pos += k
+    return h.hexdigest()
+
+
 def bad_ranges(
     device: Device,
     target: Target,
@@ -121,21 +135,10 @@ def bad_ranges(
     only: list[tuple[int, int]] | None = None,
 ) -> list[tuple[int, int]]:
     """Relative ``(offset, length)`` ranges whose device content differs from the image."""
-    use_hash = Capability.DEVICE_HASH in device.capabilities
     bad = []
     for off, length in only if only is not None else _ranges(target.size):
         expected = hashlib.sha256(image.read(off, length)).hexdigest()
-        if use_hash:
-            got = cast(DeviceHash, device).device_hash(target.offset + off, length, "sha256")
-        else:
-            reader = cast(FlashRead, device)
-            h = hashlib.sha256()
-            pos = 0
-            while pos < length:
-                k = min(reader.max_transfer, length - pos)
-                h.update(reader.read(target.offset + off + pos, k))
-                pos += k
-            got = h.hexdigest()
+        got = range_digest(device, target.offset + off, length)
         if got != expected:
             bad.append((off, length))
         if progress is not None:
