@@ -374,3 +374,35 @@ def test_compressed_image_is_expanded_before_writing(bench: Bench) -> None:
     result = wb.flash(bench.uri, bench.request(gz), plan=plan)
     assert result.outcome == "success" and bench.device.firmware_version == "2.0.0"
     assert bench.flash_bytes()[0x80000 : 0x80000 + plan.target.size] == raw.read_bytes()
+
+
+def test_two_pass_profile_stages_the_loader_first(bench: Bench) -> None:
+    from unbrick.model.profile_toml import ProfileSet, builtin_profile_sources
+
+    base = next(d for n, d in builtin_profile_sources() if n.endswith("sim-router.toml")).decode()
+    two_pass = (
+        base.replace('id = "sim-router"', 'id = "sim-router-2pass"').replace(
+            '[[region]]\nname = "firmware"',
+            '[[region]]\nname = "loader"\noffset = 0x070000\nsize = 0x010000\n'
+            'kind = "loader"\n\n[[region]]\nname = "firmware"',
+        )
+        + '\n[loader]\nregion = "loader"\ndescription = "a RAM loader that speeds up writes"\n'
+    )
+    wb = bench.workbench()
+    wb.profiles = ProfileSet.from_sources(
+        builtin_profile_sources(), [("two-pass.toml", two_pass.encode())]
+    )
+    fw = bench.firmware("2.0.0")
+    with pytest.raises(UsageError, match="two passes") as info:
+        wb.plan(bench.uri, bench.request(fw, profile_id="sim-router-2pass"))
+    assert "--loader" in info.value.hint
+    loader = bench.tmp / "loader.bin"
+    loader.write_bytes(hashlib.shake_256(b"loader").digest(20_000))
+    req = bench.request(fw, profile_id="sim-router-2pass", loader=loader)
+    result = wb.flash(bench.uri, req)
+    assert result.outcome == "success"
+    names = [s.name for s in wb.store.steps(result.job_id)]
+    assert names.index("stage-loader") < names.index("write")
+    assert bench.flash_bytes()[0x70000 : 0x70000 + 20_000] == loader.read_bytes()
+    with pytest.raises(UsageError, match="stages no loader"):
+        wb.plan(bench.uri, bench.request(fw, loader=loader))

@@ -132,6 +132,7 @@ def _print_plan(plan: Any) -> None:
 @click.option(
     "--android-info", type=_image, help="android-info.txt whose require/reject lines must hold."
 )
+@click.option("--loader", type=_image, help="Two-pass devices: the loader staged first.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the checks; write nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines events and result.")
@@ -160,6 +161,7 @@ def flash(
     profile: str | None,
     manifest: Path | None,
     android_info: Path | None,
+    loader: Path | None,
     dry_run: bool,
     yes: bool,
     as_json: bool,
@@ -192,6 +194,7 @@ def flash(
         offset=_int(offset, "--offset"),
         manifest=manifest,
         android_info=android_info,
+        loader=loader,
         integrity=IntegrityRequest(
             sha256=sha256,
             sums=sums,

@@ -102,6 +102,8 @@ class FlashRequest:
     operator: str = ""
     #: "full" (whole storage) or "target" (only what will be written).
     backup_scope: str = "full"
+    #: Two-pass devices: the loader image staged before the main write.
+    loader: Path | None = None
 
 
 @dataclass
@@ -121,6 +123,8 @@ class Plan:
     manifest: Manifest | None
     #: Version the first boot must report (from the manifest).
     expect_version: str | None
+    #: Two-pass devices: the loader written to the profile's loader region first.
+    loader_path: Path | None
     preflight: checks.PreflightResult
     steps: list[str]
     estimate_s: float
@@ -277,6 +281,7 @@ class Workbench:
                     "region": plan.target.region,
                     "offset": plan.target.offset,
                     "slot": plan.slot,
+                    "loader": str(plan.loader_path) if plan.loader_path else None,
                 },
                 data={},
             )
@@ -342,6 +347,7 @@ class Workbench:
                 cms_ca=ir.cms_ca,
             )
         target, slot = self._target(dev, profile, request, flash_size, manifest)
+        loader = self._loader(profile, request)
         forced = dict(request.forced)
         ctx = checks.PreflightContext(
             identity=identity,
@@ -369,7 +375,7 @@ class Workbench:
         )
         result = checks.run_preflight(ctx)
         steps = ["preflight", "backup"]
-        if profile.loader is not None:
+        if loader is not None:
             steps.append("stage-loader")
         steps += ["write", "verify"]
         if slot is not None:
@@ -392,6 +398,7 @@ class Workbench:
             flash_path=flash_path,
             manifest=manifest,
             expect_version=manifest.version if manifest else None,
+            loader_path=loader,
             preflight=result,
             steps=steps,
             estimate_s=estimate,
@@ -523,10 +530,10 @@ class Workbench:
             else:
                 p_backup.finish()
             assert backup_id is not None
-            if state in (JobState.BACKUP, JobState.STAGE_LOADER) and plan.profile.loader:
+            if state in (JobState.BACKUP, JobState.STAGE_LOADER) and plan.loader_path:
                 state = self._move(job_id, state, JobState.STAGE_LOADER)
-                with self._step(job_id, "stage-loader") as detail:
-                    detail["loader"] = plan.profile.loader.description
+                self._check_same_device(job_id, dev, plan.identity)
+                self._stage_loader(job_id, dev, plan)
             if state in (JobState.BACKUP, JobState.STAGE_LOADER, JobState.WRITE):
                 state = self._move(job_id, state, JobState.WRITE)
                 self._check_same_device(job_id, dev, plan.identity)
@@ -582,6 +589,47 @@ class Workbench:
                 cast(Reboot, dev).enter_recovery(plan.profile.boot.timeout_s)
             except TransportError as e:
                 raise _Cut(str(e)) from e
+
+    def _loader(self, profile: Profile, request: FlashRequest) -> Path | None:
+        """The loader to stage first: required by two-pass profiles, refused by others."""
+        if profile.loader is None:
+            if request.loader is not None:
+                raise UsageError(f"profile {profile.id} stages no loader; drop --loader")
+            return None
+        if request.loader is None:
+            raise UsageError(
+                f"{profile.name} is flashed in two passes: a loader first "
+                f"({profile.loader.description or 'see the profile'})",
+                hint="give it with --loader FILE",
+            )
+        if profile.loader.region is None or profile.region(profile.loader.region) is None:
+            raise UsageError(f"profile {profile.id} names no loader region")
+        if not request.loader.is_file():
+            raise SourceError(f"{request.loader}: no such loader file")
+        return request.loader
+
+    def _stage_loader(self, job_id: str, dev: Device, plan: Plan) -> None:
+        """Pass one: write and verify the loader, then restart into it."""
+        assert plan.loader_path is not None and plan.profile.loader is not None
+        region = plan.profile.region(cast(str, plan.profile.loader.region))
+        assert region is not None
+        with (
+            self._step(job_id, "stage-loader", region=region.name) as detail,
+            _open_image(plan.loader_path) as image,
+        ):
+            if image.size > region.size:
+                raise UsageError(
+                    f"loader {plan.loader_path.name} ({image.size} bytes) does not fit "
+                    f"region {region.name} ({region.size} bytes)"
+                )
+            target = Target(region.name, region.offset, image.size, plan.target.erase_block)
+            try:
+                write_range(dev, target, image)
+                detail["verified_by"] = verify_range(dev, target, image)
+                self._enter_recovery(dev, plan)
+            except (TransportError, DeviceError) as e:
+                raise _Cut(str(e)) from e
+            detail["bytes"] = image.size
 
     def _job_options(self, job_id: str) -> dict[str, Any]:
         return dict(self.store.get_job(job_id).options)
@@ -1116,6 +1164,7 @@ class Workbench:
             flash_path=Path(image.get("flash_path", image.get("path", ""))),
             manifest=None,
             expect_version=image.get("version"),
+            loader_path=Path(opts["loader"]) if opts.get("loader") else None,
             preflight=checks.PreflightResult(()),
             steps=list(job.plan.get("steps", [])),
             estimate_s=0.0,
