@@ -292,12 +292,7 @@ class Workbench:
                 detail["checks"] = [c.to_dict() for c in plan.preflight.results]
                 refusal = plan.preflight.refusal()
             if refusal is not None:
-                self.store.update_job(
-                    job_id,
-                    state=JobState.REFUSED.value,
-                    outcome="refused",
-                    data={"refusal": refusal.one_line()},
-                )
+                self._finish(job_id, JobState.REFUSED, "refused", refusal=refusal.one_line())
                 self._event(job_id, "state", JobState.REFUSED.value, reason=refusal.one_line())
                 raise refusal
             root = progress or Progress("flash")
@@ -564,12 +559,12 @@ class Workbench:
                     cast(BootControl, dev).commit(plan.slot)
                     detail["active_slot"] = plan.slot
             state = self._move(job_id, state, JobState.DONE)
-            self.store.update_job(job_id, state=JobState.DONE.value, outcome="success")
+            self._finish(job_id, JobState.DONE, "success")
             root.finish()
             return JobResult(job_id, JobState.DONE, "success", report, backup_id)
         except PreflightError:
             # Raised before anything was written in this phase (the device was swapped).
-            self.store.update_job(job_id, state=JobState.FAILED.value, outcome="refused")
+            self._finish(job_id, JobState.FAILED, "refused")
             raise
         except _Cut as cut:
             # The device went away (power cut, cable): nothing more can be done now.
@@ -767,23 +762,13 @@ class Workbench:
                 if problems:
                     raise DeviceError("after the rollback: " + "; ".join(problems))
         except UnbrickError as e:
-            self.store.update_job(
-                job_id,
-                state=JobState.UNRECOVERED.value,
-                outcome="failed",
-                data={"error": e.one_line()},
-            )
+            self._finish(job_id, JobState.UNRECOVERED, "failed", error=e.one_line())
             raise DeviceError(
                 f"job {job_id}: {cause}; the rollback failed too: {e.message}",
                 hint=f"run 'unbrick resume {job_id}' or 'unbrick restore'",
             ) from e
         self._move(job_id, JobState.ROLLING_BACK, JobState.ROLLED_BACK)
-        self.store.update_job(
-            job_id,
-            state=JobState.ROLLED_BACK.value,
-            outcome="rolled_back",
-            data={"cause": str(cause)},
-        )
+        self._finish(job_id, JobState.ROLLED_BACK, "rolled_back", cause=str(cause))
         raise RolledBack(
             f"job {job_id}: {cause}; the device was restored and runs "
             f"{plan.identity.firmware_version or 'its previous firmware'}"
@@ -857,17 +842,10 @@ class Workbench:
                     )
                     detail["backup_id"] = record.id
             except UnbrickError as e:
-                self.store.update_job(
-                    job_id,
-                    state=JobState.FAILED.value,
-                    outcome="failed",
-                    data={"error": e.one_line()},
-                )
+                self._finish(job_id, JobState.FAILED, "failed", error=e.one_line())
                 raise
             self._move(job_id, state, JobState.DONE)
-            self.store.update_job(
-                job_id, state=JobState.DONE.value, outcome="success", data={"backup_id": record.id}
-            )
+            self._finish(job_id, JobState.DONE, "success", backup_id=record.id)
             root.finish()
             return JobResult(job_id, JobState.DONE, "success", None, record.id)
 
@@ -939,12 +917,7 @@ class Workbench:
                             hint="pass --allow-critical if the bootloader itself is damaged",
                         )
             except PreflightError as e:
-                self.store.update_job(
-                    job_id,
-                    state=JobState.REFUSED.value,
-                    outcome="refused",
-                    data={"refusal": e.one_line()},
-                )
+                self._finish(job_id, JobState.REFUSED, "refused", refusal=e.one_line())
                 raise
             try:
                 state = self._move(job_id, state, JobState.BACKUP)
@@ -992,16 +965,11 @@ class Workbench:
                                 "flash a known-good image instead",
                             )
             except UnbrickError as e:
-                self.store.update_job(
-                    job_id,
-                    state=JobState.FAILED.value,
-                    outcome="failed",
-                    data={"error": e.one_line()},
-                )
+                self._finish(job_id, JobState.FAILED, "failed", error=e.one_line())
                 raise
             state = self._move(job_id, state, JobState.COMMIT)
             self._move(job_id, state, JobState.DONE)
-            self.store.update_job(job_id, state=JobState.DONE.value, outcome="success")
+            self._finish(job_id, JobState.DONE, "success")
             root.finish()
             return JobResult(
                 job_id,
@@ -1039,6 +1007,10 @@ class Workbench:
                 verify_range(dev, target, image)
         finally:
             data.unlink(missing_ok=True)
+
+    def _finish(self, job_id: str, state: JobState, outcome: str, **data: Any) -> None:
+        """Record how a job ended (its state, outcome and any facts worth keeping)."""
+        self.store.update_job(job_id, state=state.value, outcome=outcome, data=data or None)
 
     def _skip(self, job_id: str, name: str, reason: str) -> None:
         step_id = self.store.begin_step(job_id, name, {})
