@@ -652,7 +652,7 @@ class Workbench:
                     sink=self.sink,
                     job_id=job_id,
                 )
-            except TransportError as e:
+            except (TransportError, DeviceError) as e:
                 raise _Cut(str(e)) from e
             detail["backup_id"] = record.id
             detail["verified_by"] = record.meta.get("verified_by")
