@@ -525,6 +525,28 @@ def test_single_slot_power_cut_then_resume_finishes_the_job(router: Bench) -> No
         assert (checkpoint // VERIFY_RANGE) * VERIFY_RANGE <= at <= checkpoint, (where, at)
         resumed_at.append(at)
 
+    # The device back within the driver's reconnect wait: the retried (addressed, idempotent)
+    # operation lands on a device that stopped in its bootloader, and the write goes on.
+    patient = make_workbench(bench, wb.store, sink, connect_wait_s=1.0)
+    ridden = 0
+    for chunk, n in pick_points(every, 8, rng):
+        factory.restore()
+        bench.server.max_transfer = chunk
+        bench.set_faults(Faults(power_cut_after_ops=n, power_on_delay_s=0.0))
+        got = flash_or_error(patient, bench, request)
+        where = f"cut at write op {n} of {total[chunk]}, transfer {chunk} B, quick power-on"
+        assert not dev.flash.power_cut_armed, where
+        if isinstance(got, JobResult):
+            ridden += 1
+            assert got.outcome == "success", where
+            assert settle(dev) == ("firmware", NEW), where
+            check_journal(patient, sink, got.job_id)
+        else:
+            # The machine was too slow for the retry: an ordinary interrupted job.
+            assert isinstance(got, DeviceError), f"{where}: {got!r}"
+            resume_after(patient, bench, sink, last_job(sink), fw, factory)
+        assert bench.flash_bytes()[FIRMWARE_AT : FIRMWARE_AT + len(fw)] == fw, where
+
     # Cuts before the backup was stored: no backup id in the job; resume takes it again.
     bench.server.max_transfer = 16 * KIB
     reads_per_backup = -(-SINGLE_BYTES // 0x10000) * 0x10000 // (16 * KIB)
@@ -551,7 +573,7 @@ def test_single_slot_power_cut_then_resume_finishes_the_job(router: Bench) -> No
     print(
         f"\nsingle-slot resume: {len(chosen)} write cuts ({len(set(chosen))} distinct of "
         f"{len(every)}), resumed at offsets {sorted(Counter(resumed_at).items())}; "
-        f"{len(early)} cuts during the backup"
+        f"{len(early)} cuts during the backup; {ridden} of 8 cuts ridden out by the retry"
     )
     assert len(set(chosen)) >= 50
     # Late cuts resume past the start: the finished ranges are not written again.
