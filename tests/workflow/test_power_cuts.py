@@ -313,22 +313,7 @@ def test_ab_power_cut_anywhere_boots_a_complete_slot(ab_bench: Bench) -> None:
     assert {"write", "set-trial-slot", "reboot", "commit"} <= set(hit_steps)
 
 
-COMMIT_CUT_BUG = (
-    "a cut during the A/B commit escapes _run as a bare TransportError: the message names no "
-    "job and suggests a hard brick, no 'interrupted' event is journaled (workflow.py: the "
-    "commit call is not wrapped into _Cut)"
-)
-
-
-@pytest.mark.parametrize(
-    "phase",
-    [
-        "backup",
-        "write",
-        "set-trial-slot",
-        pytest.param("commit", marks=pytest.mark.xfail(strict=True, reason=COMMIT_CUT_BUG)),
-    ],
-)
+@pytest.mark.parametrize("phase", ["backup", "write", "set-trial-slot", "commit"])
 def test_an_interrupted_ab_job_names_itself_and_resumes(ab_bench: Bench, phase: str) -> None:
     """Whatever step a cut interrupts, the error names the job and says to resume it, the
     interruption is journaled, and ``resume`` then finishes the job."""

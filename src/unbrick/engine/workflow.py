@@ -556,7 +556,10 @@ class Workbench:
                 self._check_same_device(job_id, dev, plan.identity)
             with self._step(job_id, "commit", slot=plan.slot) as detail:
                 if plan.slot is not None:
-                    cast(BootControl, dev).commit(plan.slot)
+                    try:
+                        cast(BootControl, dev).commit(plan.slot)
+                    except TransportError as e:
+                        raise _Cut(str(e)) from e
                     detail["active_slot"] = plan.slot
             state = self._move(job_id, state, JobState.DONE)
             self._finish(job_id, JobState.DONE, "success")
