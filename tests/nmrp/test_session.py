@@ -179,6 +179,40 @@ def test_our_server_retransmits_lost_data_blocks_and_sends_the_region(
     assert_flashed(router, sim_result, image, "2.2.0")
 
 
+def test_a_rejected_image_is_uploaded_again(
+    veth: VethPair, router: SimDevice, tmp_path: Path
+) -> None:
+    image = image_file(tmp_path, "2.4.0", size=20 * KIB)
+    sim = start_router(veth, router, faults=NmrpClientFaults(reject_uploads=1))
+    config = NmrpConfig(
+        interface=veth.host_if, image=image, timeouts=NmrpTimeouts(advertise_s=10.0)
+    )
+    result = NsThread(veth.host_ns, lambda: flash_nmrp(config)).result()
+    sim_result = sim.result()
+    assert (result.uploads, sim_result.rejected_uploads) == (2, 1)
+    assert_flashed(router, sim_result, image, "2.4.0")
+
+
+def test_an_image_rejected_every_time_stops_and_closes_the_session(
+    veth: VethPair, router: SimDevice, tmp_path: Path
+) -> None:
+    image = image_file(tmp_path, "2.4.0", size=20 * KIB)
+    sim = start_router(veth, router, faults=NmrpClientFaults(reject_uploads=5))
+    config = NmrpConfig(
+        interface=veth.host_if, image=image, timeouts=NmrpTimeouts(advertise_s=10.0)
+    )
+    with pytest.raises(DeviceError) as err:
+        NsThread(veth.host_ns, lambda: flash_nmrp(config)).result()
+    assert "asked for the firmware 3 times: it rejects the image" in err.value.message
+    assert "this exact model" in err.value.hint
+    with pytest.raises(DeviceError, match="the server closed the session"):
+        sim.result()
+    assert router.status()["firmware_version"] is None  # still in its bootloader, unwritten
+    fw = router.config.find_region("firmware")
+    assert fw is not None
+    assert router.spi_read(fw.offset, 64) != image.read_bytes()[:64]
+
+
 def test_a_router_that_never_answers_times_out_naming_the_step(
     veth: VethPair, tmp_path: Path
 ) -> None:
@@ -196,7 +230,7 @@ def test_a_router_that_never_answers_times_out_naming_the_step(
     assert "10.164.183.253" not in veth.addresses("host")
 
 
-def test_a_router_that_stops_after_configuration_times_out_and_is_closed(
+def test_a_failed_upload_names_the_step_and_closes_the_session(
     veth: VethPair, router: SimDevice, tmp_path: Path
 ) -> None:
     # The simulated router's TFTP port is one our server does not use: it asks for the image
@@ -209,8 +243,9 @@ def test_a_router_that_stops_after_configuration_times_out_and_is_closed(
         image=image,
         timeouts=NmrpTimeouts(advertise_s=10.0, tftp_timeout_s=0.1, tftp_retries=2),
     )
-    with pytest.raises(TransportError, match="NMRP step 'upload' failed"):
+    with pytest.raises(TransportError, match="NMRP step 'upload' failed") as err:
         NsThread(veth.host_ns, lambda: flash_nmrp(config)).result()
+    assert "10.164.183.252:69" in err.value.message
     with pytest.raises(DeviceError, match="the server closed the session"):
         sim.result()
     fw = router.config.find_region("firmware")

@@ -18,7 +18,9 @@ one end of a veth pair inside a private network namespace; the caller runs it th
 
 The TFTP server here is deliberately minimal (one write, window size 1) and injects faults:
 ``drop_data_blocks`` ignores the first arrival of the listed DATA blocks, as if the network had
-lost them, so the sender must retransmit. Runs until done; ``stop`` ends a wait early.
+lost them, so the sender must retransmit; ``reject_uploads`` discards whole uploads and asks
+for the image again, as a bootloader does with an image it refuses. Runs until done; ``stop``
+ends a wait early.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class NmrpClientFaults:
 
     #: DATA block numbers whose first arrival is ignored (the sender must resend them).
     drop_data_blocks: frozenset[int] = frozenset()
+    #: Uploads to reject (as a bootloader does with an image for another board): the image
+    #: is discarded and TFTP_UL_REQ sent again.
+    reject_uploads: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class NmrpClientConfig:
     #: Resends of TFTP_UL_REQ, of an ACK, of CLOSE_REQ.
     retries: int = 3
     keepalive_interval_s: float = 0.2
+    #: Time the bootloader spends checking a received image before writing (or rejecting) it.
+    image_check_s: float = 0.05
     max_blksize: int = 1468
     tftp_port: int = 69
     #: Restart the device (normal boot) after the session.
@@ -98,6 +105,8 @@ class NmrpClientResult:
     dropped_blocks: tuple[int, ...]
     #: DATA blocks that arrived again after being acknowledged or dropped.
     repeated_blocks: int
+    #: Uploads received and rejected (fault) before the one written.
+    rejected_uploads: int
     #: The server answered CLOSE_REQ.
     closed: bool
     #: Device state after the restart ("firmware" when the image boots), or the state kept.
@@ -141,16 +150,24 @@ class NmrpClient:
             ip, netmask = conf.dev_ip or ("", "")
             prefix = codec.netmask_prefix(netmask)
             with self._address(f"{ip}/{prefix}"), _udp(ip, cfg.tftp_port) as listener:
-                self.step = "upload-request"
-                wrq, peer = self._request_upload(link, server, listener)
-                self.step = "upload"
-                receiver = _Receiver(ip, peer, cfg, region.size)
-                try:
-                    name, data = receiver.run(wrq)
-                    self.step = "flash"
-                    sent, acked = self._write(link, server, receiver, region.offset, data)
-                finally:
-                    receiver.close()
+                rejected = 0
+                while True:
+                    self.step = "upload-request"
+                    wrq, peer = self._request_upload(link, server, listener)
+                    self.step = "upload"
+                    receiver = _Receiver(ip, peer, cfg, region.size)
+                    try:
+                        name, data = receiver.run(wrq)
+                        time.sleep(cfg.image_check_s)
+                        if rejected < cfg.faults.reject_uploads:
+                            rejected += 1
+                            log.info("sim nmrp: rejecting upload %d (fault)", rejected)
+                            continue
+                        self.step = "flash"
+                        sent, acked = self._write(link, server, receiver, region.offset, data)
+                    finally:
+                        receiver.close()
+                    break
                 digest = dev.hash(region.offset, len(data), "sha256") if data else ""
                 self.step = "close"
                 closed = self._close(link, server)
@@ -173,6 +190,7 @@ class NmrpClient:
             keepalives_acked=acked,
             dropped_blocks=tuple(receiver.dropped),
             repeated_blocks=receiver.repeated,
+            rejected_uploads=rejected,
             closed=closed,
             state_after=state_after,
         )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import importlib
 import logging
 import socket
 import time
@@ -278,7 +277,8 @@ class Uploader(Protocol):
         host: str,
         port: int,
         remote: str,
-        local_or_stream: Path,
+        local: Path,
+        /,
         *,
         blksize: int,
         windowsize: int,
@@ -636,35 +636,6 @@ def flash_nmrp(
 
 
 def _default_uploader() -> Uploader:
-    try:
-        module = importlib.import_module("unbrick.transports.tftp.client")
-    except ImportError:
-        return _tftp_program_upload
-    uploader: Uploader = module.tftp_put
-    return uploader
+    from unbrick.transports.tftp.client import tftp_put  # noqa: PLC0415 - loaded when used
 
-
-def _tftp_program_upload(
-    host: str,
-    port: int,
-    remote: str,
-    local_or_stream: Path,
-    *,
-    blksize: int,
-    windowsize: int,
-    timeout_s: float,
-    retries: int,
-) -> object:
-    """Upload with tftp-hpa's ``tftp`` (512-byte blocks) while no TFTP client is built in."""
-    del blksize, windowsize
-    tool = Tool("tftp", "tftp-hpa")
-    wait_s = max(10.0, timeout_s * (retries + 1) * 8)
-    result = tool.run(
-        ["-m", "binary", host, str(port), "-c", "put", str(local_or_stream), remote],
-        timeout_s=wait_s,
-        check=False,
-    )
-    text = (result.out + result.err).strip()
-    if result.returncode != 0 or "Transfer timed out" in text or "Error code" in text:
-        raise TransportError(f"TFTP upload to {host} failed: {text or 'no output'}")
-    return None
+    return tftp_put
