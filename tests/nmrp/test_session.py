@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import need
 from tests.nmrp.conftest import NsThread, VethPair, run_in_ns
-from unbrick.errors import DeviceError, TransportError
+from unbrick.errors import DeviceError, SourceError, TransportError, UsageError
 from unbrick.sim.device import SimDevice
 from unbrick.sim.firmware import build_firmware
 from unbrick.sim.nmrp_client import (
@@ -306,11 +306,18 @@ def test_not_root_is_refused_with_a_clear_error(veth: VethPair, tmp_path: Path) 
     assert "run unbrick as root" in proc.stdout
 
 
-def test_unknown_interface_is_named(veth: VethPair, tmp_path: Path) -> None:
+def test_unknown_interface_missing_or_empty_image(veth: VethPair, tmp_path: Path) -> None:
     image = image_file(tmp_path, size=4 * KIB)
     config = NmrpConfig(interface="nosuch0", image=image)
     with pytest.raises(TransportError, match="'nosuch0' does not exist"):
         NsThread(veth.host_ns, lambda: flash_nmrp(config)).result()
+    missing = NmrpConfig(interface=veth.host_if, image=tmp_path / "missing.chk")
+    with pytest.raises(SourceError, match="cannot read image"):
+        NsThread(veth.host_ns, lambda: flash_nmrp(missing)).result()
+    (tmp_path / "empty.chk").write_bytes(b"")
+    empty = NmrpConfig(interface=veth.host_if, image=tmp_path / "empty.chk")
+    with pytest.raises(UsageError, match="is empty"):
+        NsThread(veth.host_ns, lambda: flash_nmrp(empty)).result()
 
 
 def _cli(veth: VethPair, *args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -16,11 +16,13 @@ one end of a veth pair inside a private network namespace; the caller runs it th
    hash), sending KEEP_ALIVE_REQ every ``keepalive_interval_s`` meanwhile;
 5. send CLOSE_REQ, wait for CLOSE_ACK, remove the address, and restart the device.
 
-The TFTP server here is deliberately minimal (one write, window size 1) and injects faults:
+The TFTP server here is deliberately minimal (one write, window size 1), lenient like a
+bootloader's (nmrpflash 0.9.14 sends stray bytes after its write request's options, which
+``unbrick.transports.tftp``'s stricter decoder refuses), and injects faults:
 ``drop_data_blocks`` ignores the first arrival of the listed DATA blocks, as if the network had
 lost them, so the sender must retransmit; ``reject_uploads`` discards whole uploads and asks
-for the image again, as a bootloader does with an image it refuses. Runs until done; ``stop``
-ends a wait early.
+for the image again (what later nmrpflash versions take as a refused image). Runs until
+done; ``stop`` ends a wait early.
 """
 
 from __future__ import annotations

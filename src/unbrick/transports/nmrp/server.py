@@ -484,6 +484,8 @@ class NmrpServer:
             size = cfg.image.stat().st_size
         except OSError as e:
             raise SourceError(f"cannot read image {cfg.image}: {e.strerror}") from e
+        if size == 0:
+            raise UsageError(f"image {cfg.image} is empty", hint="pass the firmware file")
         link = self._link or RawLink(cfg.interface)
         try:
             self._configure_host(None)
