@@ -13,6 +13,7 @@ import click
 from unbrick import __version__
 from unbrick.cli.diagnose import diagnose
 from unbrick.cli.image import image
+from unbrick.cli.nmrp import nmrp
 from unbrick.cli.sim import sim
 from unbrick.cli.workbench import COMMANDS
 from unbrick.errors import InternalError, UnbrickError, UsageError
@@ -27,6 +28,7 @@ def cli() -> None:
 cli.add_command(image)
 cli.add_command(sim)
 cli.add_command(diagnose)
+cli.add_command(nmrp)
 for _command in COMMANDS:
     cli.add_command(_command)
 
