@@ -24,12 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def in_tftpd() -> str | None:
-    """tftpd-hpa's server: on PATH, or unpacked beside atftpd (the packages conflict)."""
-    found = shutil.which("in.tftpd")
-    if found:
-        return found
+    """tftpd-hpa's server: unpacked beside atftpd (the packages conflict), or on PATH.
+
+    atftpd installs ``in.tftpd`` as a link to itself, so a PATH hit counts only when it is not
+    atftpd.
+    """
     unpacked = ROOT / ".peers" / "usr" / "sbin" / "in.tftpd"
-    return str(unpacked) if unpacked.is_file() and os.access(unpacked, os.X_OK) else None
+    if unpacked.is_file() and os.access(unpacked, os.X_OK):
+        return str(unpacked)
+    found = shutil.which("in.tftpd")
+    if found and Path(found).resolve().name != "atftpd":
+        return found
+    return None
 
 
 def need_in_tftpd() -> str:

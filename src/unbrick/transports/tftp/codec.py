@@ -180,6 +180,8 @@ def _field(text: str, what: str) -> bytes:
 
 
 def _encode_options(options: Options) -> bytes:
+    if any(not name for name, _ in options):
+        raise MalformedPacket("TFTP option with an empty name")
     return b"".join(_field(k, "option name") + _field(v, "option value") for k, v in options)
 
 
@@ -259,14 +261,14 @@ def _text(raw: bytes, what: str) -> str:
 
 
 def _decode_options(fields: Sequence[bytes], what: str) -> Options:
-    # Padding NULs after the last pair, and a trailing name without a value, are ignored.
-    while fields and fields[-1] == b"":
-        fields = fields[:-1]
+    # A trailing name without a value, and NUL padding after the last pair, are ignored.
     if len(fields) // 2 > MAX_OPTIONS:
         raise MalformedPacket(f"TFTP {what} carries more than {MAX_OPTIONS} options")
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
     for i in range(0, len(fields) - 1, 2):
+        if not fields[i] and not fields[i + 1]:
+            continue
         name = _text(fields[i], f"{what} option name").lower()
         value = _text(fields[i + 1], f"{what} option value")
         if not name:

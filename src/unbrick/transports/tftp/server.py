@@ -182,7 +182,7 @@ class TransferRecord:
     path: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Session:
     key: tuple[tuple[str, int], bytes]
     thread: threading.Thread | None = None
@@ -237,13 +237,17 @@ class TftpServer:
             window_bytes_max=window_bytes_max,
             max_upload_bytes=max_upload_bytes,
         )
-        self.dally_s = self.timing.timeout_s if dally_s is None else dally_s
+        # U-Boot repeats an unacknowledged block after 5 s (its TFTP timeout): dally longer.
+        self.dally_s = max(6.0, self.timing.max_backoff_s) if dally_s is None else dally_s
         self.loss = loss
         self.on_transfer = on_transfer
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # Sessions running a transfer (counted against max_sessions), and every session whose
+        # socket is still open (a finished upload dallies a while): stop() wakes those.
         self._sessions: dict[tuple[tuple[str, int], bytes], _Session] = {}
+        self._live: set[_Session] = set()
         self._records: list[TransferRecord] = []
         self._records_changed = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -266,7 +270,7 @@ class TftpServer:
         if self._sock is None:
             sock = socket.socket(self._family(), socket.SOCK_DGRAM)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # No SO_REUSEADDR: for UDP it would let two servers share the port silently.
                 sock.bind((self.host, self.port))
             except OSError as e:
                 sock.close()
@@ -311,7 +315,7 @@ class TftpServer:
             with contextlib.suppress(OSError):
                 self._wake[1].send(b"x")
         with self._lock:
-            sessions = list(self._sessions.values())
+            sessions = list(self._live)
         for session in sessions:
             if session.sock is not None:
                 with contextlib.suppress(OSError):
@@ -430,6 +434,7 @@ class TftpServer:
                 return
             session = _Session(key)
             self._sessions[key] = session
+            self._live.add(session)
         thread = threading.Thread(
             target=self._run_session,
             args=(session, packet, client),
@@ -465,12 +470,12 @@ class TftpServer:
             sock = self._open_session_socket(client)
         except OSError as e:
             log.warning("cannot open a TFTP session socket for %s:%d: %s", *client, e)
-            self._finish(session)
+            self._finish(session, closed=True)
             return
         session.sock = sock
         if self._stop.is_set():
             sock.close()
-            self._finish(session)
+            self._finish(session, closed=True)
             return
         ch = Channel(sock, client, loss=self.loss, stop=self._stop)
         try:
@@ -542,10 +547,14 @@ class TftpServer:
                 with contextlib.suppress(TransportError):
                     dally(ch, dally_ack[0], dally_ack[1], self.dally_s)
             sock.close()
+            self._finish(session, closed=True)
 
-    def _finish(self, session: _Session) -> None:
+    def _finish(self, session: _Session, *, closed: bool = False) -> None:
         with self._lock:
-            self._sessions.pop(session.key, None)
+            if self._sessions.get(session.key) is session:
+                del self._sessions[session.key]
+            if closed:
+                self._live.discard(session)
 
     def _timing_for(self, options: TransferOptions) -> Timing:
         if options.timeout_s is None:

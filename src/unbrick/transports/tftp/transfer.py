@@ -77,6 +77,13 @@ class TransferRefused(TransportError):
         self.code = code
 
 
+class UnconfirmedEnd(TransportError):
+    """Every block was sent but the last one was never acknowledged: the receiver may well have
+    the whole file (its final ACK was lost and it did not wait for a repeat)."""
+
+    default_hint = "the receiver probably has the whole file; check it before sending again"
+
+
 class Cancelled(TransportError):
     """The transfer was stopped from outside (server shutdown)."""
 
@@ -348,10 +355,22 @@ def send_stream(
 ) -> StreamResult:
     """Send everything ``read`` returns as DATA blocks 1, 2, ...; return once the last block
     (the first shorter than ``blksize``, possibly empty) is acknowledged."""
+    last_in_flight = [False]
     try:
-        return _send_stream(ch, read, blksize, windowsize, timing, on_progress)
+        return _send_stream(ch, read, blksize, windowsize, timing, on_progress, last_in_flight)
     except OSError as e:
-        raise ch.translate(e) from e
+        error = ch.translate(e)
+        if last_in_flight[0] and not isinstance(error, Cancelled):
+            raise UnconfirmedEnd(f"{error.message}; every block was sent") from e
+        raise error from e
+    except (Cancelled, TftpRemoteError):
+        raise
+    except TransportError as e:
+        if last_in_flight[0]:
+            raise UnconfirmedEnd(
+                f"{e.message}; every block was sent, the last was not acknowledged"
+            ) from e
+        raise
 
 
 def _send_stream(
@@ -361,6 +380,7 @@ def _send_stream(
     windowsize: int,
     timing: Timing,
     on_progress: ProgressHook | None,
+    last_in_flight: list[bool],
 ) -> StreamResult:
     # queue[0] is block ``base``; the first ``inflight`` packets are the window on the wire.
     # The next window is read and built while the peer works on this one, so an ACK is
@@ -389,6 +409,7 @@ def _send_stream(
     fill()
     send_window(queue[:windowsize])
     inflight = min(windowsize, len(queue))
+    last_in_flight[0] = eof and inflight == len(queue)
     wait = timing.timeout_s
     ch.set_wait(wait)
     tries = 0
@@ -408,6 +429,7 @@ def _send_stream(
                 send_window(window)
                 counters.retransmits += inflight - acked
                 inflight = len(window)
+                last_in_flight[0] = eof and inflight == len(queue)
                 if tries:
                     tries = 0
                     wait = timing.timeout_s
@@ -585,12 +607,17 @@ def _receive_stream(
         extra_ack_sent = False
 
 
-def dally(ch: Channel, final: bytes, block: int, dally_s: float) -> None:
-    """Answer retransmissions of the last block for ``dally_s`` (RFC 1350: the final ACK may
-    be lost, and the sender then repeats the last block)."""
-    deadline = time.monotonic() + dally_s
+def dally(ch: Channel, final: bytes, block: int, quiet_s: float) -> None:
+    """Answer retransmissions of the last block until none has come for ``quiet_s``.
+
+    RFC 1350: the final ACK may be lost, and the sender then repeats the last block; without
+    an answer it would report a failed transfer although the data arrived.
+    """
+    repeat = data_header(block)
+    limit = time.monotonic() + 4 * quiet_s
+    deadline = time.monotonic() + quiet_s
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = min(deadline, limit) - time.monotonic()
         if remaining <= 0:
             return
         ch.set_wait(remaining)
@@ -600,5 +627,6 @@ def dally(ch: Channel, final: bytes, block: int, dally_s: float) -> None:
             return
         if datagram is None:
             return
-        if datagram[:4] == data_header(block):
+        if datagram[:4] == repeat:
             ch.send(final)
+            deadline = time.monotonic() + quiet_s
