@@ -1,6 +1,7 @@
 """``unbrick sim KIND --name NAME``: run a simulated device in the foreground.
 
-The simulator serves the device's recovery interface and its SPI face on TCP, publishes
+The simulator serves the device's recovery interface, its SPI face and its serial console (as
+U-Boot shows it: ``uboot+tcp://HOST:CONSOLE_PORT``) on TCP, publishes
 ``REGISTRY/NAME.json`` so that ``sim://NAME`` finds it, and runs until SIGTERM or SIGINT, when
 it stops cleanly and removes the registry file. The device's flash and config persist in the
 state directory between runs.
@@ -87,6 +88,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 @click.option("--fault", "faults", multiple=True, help="KEY=VALUE fault (repeatable).")
 @click.option("--reset-factory", is_flag=True, help="Start from a factory-fresh device.")
 @click.option("--brick", type=click.Choice(["soft", "hard"]), help="Damage the device first.")
+@click.option(
+    "--autoboot-delay",
+    type=click.FloatRange(min=0.0),
+    help="Seconds the console's autoboot countdown lasts (default: bootdelay seconds).",
+)
 def sim(
     kind: str,
     name: str,
@@ -96,6 +102,7 @@ def sim(
     faults: tuple[str, ...],
     reset_factory: bool,
     brick: str | None,
+    autoboot_delay: float | None,
 ) -> int:
     """Run a simulated device of KIND (router, router-ab) until SIGTERM/SIGINT.
 
@@ -106,6 +113,7 @@ def sim(
     from unbrick.sim.device import check_name
     from unbrick.sim.kinds import create_device, device_exists, get_kind, load_device
     from unbrick.sim.server import SimServer
+    from unbrick.sim.uboot_face import ConsoleConfig
     from unbrick.transports.sim import (
         RegistryEntry,
         default_registry_dir,
@@ -146,15 +154,25 @@ def sim(
         if brick:
             device.simulate_brick(brick)
         device.set_faults(fault_set)
-        server = SimServer(device, host, port)
+        server = SimServer(
+            device, host, port, console=ConsoleConfig(autoboot_delay_s=autoboot_delay)
+        )
         ports = server.start()
         reg_file = write_registry(
             registry_dir,
-            RegistryEntry(name, ports.host, ports.port, ports.spi_port, os.getpid(), kind),
+            RegistryEntry(
+                name,
+                ports.host,
+                ports.port,
+                ports.spi_port,
+                os.getpid(),
+                kind,
+                console_port=ports.console_port,
+            ),
         )
         click.echo(
             f"sim {name} ({kind}) listening on {ports.host}:{ports.port}, "
-            f"spi {ports.host}:{ports.spi_port}"
+            f"spi {ports.host}:{ports.spi_port}, console {ports.host}:{ports.console_port}"
         )
         sys.stdout.flush()
         while not stop.wait(0.5):

@@ -1,4 +1,4 @@
-"""TCP server of a simulated device: the generic recovery interface and the SPI face.
+"""TCP server of a simulated device: the generic recovery interface, the SPI face, the console.
 
 The generic face answers the sim protocol (``unbrick.transports.simproto``) as the device's
 bootloader or firmware would: it does not answer at all while the device is off or dead
@@ -7,6 +7,11 @@ flash chip: raw chip id, read, erase and program, in every state. A power loss (
 a reset) closes every client socket of both faces. Link faults of the device's
 :class:`~unbrick.sim.device.Faults` (bit errors, disconnects, a slow link) are applied to the
 generic face.
+
+The console face (:mod:`unbrick.sim.uboot_face`) is the device's serial console as U-Boot shows
+it; it accepts connections in every state (a UART is always there), one terminal at a time (a
+new connection takes over from the previous one). A reset keeps the terminal attached (it shows
+the new banner); a power cut drops it, as it drops the other faces' clients.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from unbrick.errors import DeviceError, UnbrickError
 from unbrick.sim.device import Faults, SimDevice
 from unbrick.sim.flash import MAX_OP_BYTES, PowerLoss
+from unbrick.sim.uboot_face import ConsoleConfig, UBootFace
 from unbrick.transports.simproto import (
     PROTOCOL_VERSION,
     Frame,
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 GENERIC = "generic"
 SPI = "spi"
+CONSOLE = "console"
+#: What the device appends to its boot log when power is lost (as opposed to a reset).
+_POWER_LOST_MARK = "<power lost>\n"
 _SPI_OPS = frozenset({"hello", "chip", "read", "erase", "program"})
 _ACCEPT_POLL_S = 0.1
 _RECV_BYTES = 256 * 1024
@@ -49,6 +58,7 @@ class ServerPorts:
     host: str
     port: int
     spi_port: int
+    console_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,12 +78,15 @@ class SimServer:
         port: int = 0,
         *,
         spi_port: int = 0,
+        console_port: int = 0,
         max_transfer: int = MAX_OP_BYTES,
+        console: ConsoleConfig | None = None,
     ) -> None:
         self.device = device
         self.host = host
         self.port = port
         self.spi_port = spi_port
+        self.console_port = console_port
         self.max_transfer = max_transfer
         self._lock = threading.Lock()
         self._clients: dict[socket.socket, str] = {}
@@ -84,6 +97,7 @@ class SimServer:
         self._rng = random.Random(device.faults.seed)
         self._rng_faults: Faults = device.faults
         self._rng_lock = threading.Lock()
+        self.console = UBootFace(device, console, stopping=self._stopping)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -99,6 +113,7 @@ class SimServer:
         try:
             generic = self._listen(self.port)
             spi = self._listen(self.spi_port)
+            console = self._listen(self.console_port)
         except OSError as e:
             for s in self._listeners:
                 s.close()
@@ -106,9 +121,11 @@ class SimServer:
             raise DeviceError(
                 f"cannot listen on {self.host}: {e.strerror}", hint="pick another port"
             ) from e
-        self._ports = ServerPorts(self.host, generic.getsockname()[1], spi.getsockname()[1])
+        self._ports = ServerPorts(
+            self.host, generic.getsockname()[1], spi.getsockname()[1], console.getsockname()[1]
+        )
         self.device.add_power_listener(self._on_power_loss)
-        for sock, face in ((generic, GENERIC), (spi, SPI)):
+        for sock, face in ((generic, GENERIC), (spi, SPI), (console, CONSOLE)):
             self._spawn(self._accept_loop, sock, face, name=f"sim-accept-{face}")
         log.info("sim %s listening on %s", self.device.name, self._ports)
         return self._ports
@@ -152,11 +169,14 @@ class SimServer:
         self.stop()
 
     def _on_power_loss(self) -> None:
-        self._drop_all()
+        # Runs with the device lock held. A reset keeps the console's terminal attached (a
+        # serial line stays plugged in); a power cut drops every connection.
+        cut = self.device.boot_log.endswith(_POWER_LOST_MARK)
+        self._drop_all(keep=() if cut else (CONSOLE,))
 
-    def _drop_all(self) -> None:
+    def _drop_all(self, keep: tuple[str, ...] = ()) -> None:
         with self._lock:
-            clients = list(self._clients)
+            clients = [conn for conn, face in self._clients.items() if face not in keep]
         for conn in clients:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -177,8 +197,23 @@ class SimServer:
             conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
+                if face == CONSOLE:
+                    # One terminal at a time: the newest takes over the line.
+                    for old, old_face in self._clients.items():
+                        if old_face == CONSOLE:
+                            with contextlib.suppress(OSError):
+                                old.shutdown(socket.SHUT_RDWR)
                 self._clients[conn] = face
-            self._spawn(self._serve, conn, face, name=f"sim-client-{face}")
+            serve = self._serve_console if face == CONSOLE else self._serve
+            self._spawn(serve, conn, face, name=f"sim-client-{face}")
+
+    def _serve_console(self, conn: socket.socket, face: str) -> None:
+        try:
+            self.console.serve(conn)
+        finally:
+            with self._lock:
+                self._clients.pop(conn, None)
+            conn.close()
 
     def _serve(self, conn: socket.socket, face: str) -> None:
         decoder = FrameDecoder()

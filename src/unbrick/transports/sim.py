@@ -1,7 +1,8 @@
 """Driver of simulated devices (``sim://NAME``): the sim protocol over TCP.
 
 ``sim://NAME`` is resolved through a registry directory where each running simulator keeps
-``NAME.json`` (``{"host", "port", "spi_port", "pid", "kind"}``). The directory is ``?dir=`` in
+``NAME.json`` (``{"host", "port", "spi_port", "pid", "kind"}``, and ``"console_port"`` of the
+serial console face when the simulator has one). The directory is ``?dir=`` in
 the URI, else the ``registry_dir`` given to :func:`open_sim`, else :func:`default_registry_dir`.
 ``sim://NAME?via=spi`` opens the SPI face (a clip-on programmer on the flash chip: chip id,
 read, erase, program; no reboot).
@@ -60,15 +61,20 @@ class RegistryEntry:
     spi_port: int
     pid: int
     kind: str
+    #: The U-Boot-like serial console (``uboot+tcp://HOST:PORT``); None in older registries.
+    console_port: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "spi_port": self.spi_port,
             "pid": self.pid,
             "kind": self.kind,
         }
+        if self.console_port is not None:
+            d["console_port"] = self.console_port
+        return d
 
 
 def default_registry_dir(environ: Mapping[str, str], home: Path) -> Path:
@@ -103,6 +109,7 @@ def read_registry(registry_dir: Path, name: str) -> RegistryEntry:
             spi_port=int(d["spi_port"]),
             pid=int(d["pid"]),
             kind=str(d["kind"]),
+            console_port=int(d["console_port"]) if d.get("console_port") is not None else None,
         )
     except (ValueError, KeyError, TypeError) as e:
         raise TransportError(f"registry file {path} is damaged: {e}", hint=hint) from e
