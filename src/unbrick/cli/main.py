@@ -15,6 +15,7 @@ from unbrick.cli.diagnose import diagnose
 from unbrick.cli.image import image
 from unbrick.cli.nmrp import nmrp
 from unbrick.cli.sim import sim
+from unbrick.cli.tftp import tftp
 from unbrick.cli.workbench import COMMANDS
 from unbrick.errors import InternalError, UnbrickError, UsageError
 
@@ -29,6 +30,7 @@ cli.add_command(image)
 cli.add_command(sim)
 cli.add_command(diagnose)
 cli.add_command(nmrp)
+cli.add_command(tftp)
 for _command in COMMANDS:
     cli.add_command(_command)
 
