@@ -48,6 +48,7 @@ from unbrick.sim.ymodem_rx import (
     strip_sub_padding,
 )
 from unbrick.transports.sim import RegistryEntry, read_registry, write_registry
+from unbrick.transports.xymodem_io import FdLink, send_xmodem, send_ymodem
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = Faults(power_on_delay_s=0.01)
@@ -739,6 +740,28 @@ def test_loady_with_lrzsz_sz_ymodem(rig: Rig, tmp_path: Path) -> None:
         == "## Total Size      = 0x00000bbb = 3003 Bytes\r\n## Start Addr      = 0x40200000\r\n=> "
     )
     assert t.run("crc32 40200000 bbb").endswith(f"==> {zlib.crc32(data):08x}\r\n")
+
+
+def test_loadx_and_loady_with_unbricks_own_sender(rig: Rig) -> None:
+    t = rig.prompt()
+    data = image("3.0.0", 40 * 1024)[:40000]
+    for command, mode in (("loadx 40000000", "xmodem"), ("loady 40000000", "ymodem")):
+        t.send(command.encode() + b"\r")
+        t.until(b"bps...\r\n")
+        link = FdLink(t.sock.fileno())
+        if mode == "xmodem":
+            sent = send_xmodem(link, data, settle_s=0.0, pending=t.buf)
+        else:
+            sent = send_ymodem(link, "fw.bin", data, settle_s=0.0, pending=t.buf)
+        assert sent == len(data)
+        t.buf = b""
+        out = t.until(b"\n=> ").decode("latin-1")
+        assert out[out.index("## ") :] == (
+            f"## Total Size      = 0x{len(data):08x} = {len(data)} Bytes\r\n"
+            "## Start Addr      = 0x40000000\r\n=> "
+        )
+        assert t.run(f"crc32 40000000 {len(data):x}").endswith(f"==> {zlib.crc32(data):08x}\r\n")
+        t.run("mw.b 40000000 0 10000")
 
 
 def test_loadx_and_loady_cancelled_by_the_sender(rig: Rig) -> None:
