@@ -18,7 +18,10 @@ from unbrick.errors import TransportError, UsageError
 from unbrick.model.uri import parse_device_uri
 from unbrick.transports.sim import SimDriver, open_sim
 
-LINE = "sim {name} ({kind}) listening on 127.0.0.1:{port}, spi 127.0.0.1:{spi}"
+LINE = (
+    "sim {name} ({kind}) listening on 127.0.0.1:{port}, spi 127.0.0.1:{spi}, "
+    "console 127.0.0.1:{console}"
+)
 
 
 def _argv(tmp_path: Path, kind: str, name: str, *extra: str) -> list[str]:
@@ -83,7 +86,11 @@ def test_sim_runs_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     with running(tmp_path, "router", "c1") as (line, proc):
         entry = json.loads(registry.read_text())
         assert line == LINE.format(
-            name="c1", kind="router", port=entry["port"], spi=entry["spi_port"]
+            name="c1",
+            kind="router",
+            port=entry["port"],
+            spi=entry["spi_port"],
+            console=entry["console_port"],
         )
         assert (entry["host"], entry["pid"], entry["kind"]) == ("127.0.0.1", proc.pid, "router")
         drv = _open(tmp_path, "c1")
