@@ -10,7 +10,7 @@ from unbrick.model.uri import DeviceAddress
 from unbrick.transports.base import Device
 
 #: Protocols whose drivers ship in this release.
-AVAILABLE = ("sim",)
+AVAILABLE = ("sim", "uboot")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> D
         from unbrick.transports.sim import open_sim  # noqa: PLC0415 - drivers load lazily
 
         return open_sim(address, registry_dir=opts.sim_registry, timeout_s=opts.timeout_s)
+    if address.protocol == "uboot":
+        from unbrick.transports.uboot import open_uboot  # noqa: PLC0415 - drivers load lazily
+
+        return open_uboot(address, timeout_s=opts.timeout_s)
     raise UsageError(
         f"no driver for {address.scheme}:// devices in this version of unbrick",
         hint=f"available: {', '.join(p + '://' for p in AVAILABLE)}",
