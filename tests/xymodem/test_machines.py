@@ -188,8 +188,10 @@ def test_no_receiver_names_the_command(variant: Variant, command: str) -> None:
     )
 
 
-def _started_sender(data: bytes, **kw: float) -> tuple[Sender, Action]:
-    sender = Sender(Variant.XMODEM, [OutgoingFile("", data)], **kw)  # type: ignore[arg-type]
+def _started_sender(
+    data: bytes, *, retries: int = 10, timeout_s: float = 10.0
+) -> tuple[Sender, Action]:
+    sender = Sender(Variant.XMODEM, [OutgoingFile("", data)], retries=retries, timeout_s=timeout_s)
     sender.start(0.0)
     return sender, sender.receive(b"C", 0.0)
 

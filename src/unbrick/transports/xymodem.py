@@ -291,7 +291,8 @@ class Sender:
     ``block_size`` is 1024 (XMODEM-1K, YMODEM) or 128; a receiver that opens with NAK (checksum
     mode) gets 128-byte blocks, as 1K blocks with an 8-bit sum are outside the protocol.
     ``timeout_s`` bounds each wait for the receiver; ``retries`` bounds the transmissions of
-    one block; ``settle_s`` is how long a NAK/C on a file's first block waits for a late ACK;
+    one block; ``settle_s`` is how long a NAK/C that may be stale (on a file's first block,
+    or after a retransmission that followed a timeout) waits for a late ACK;
     ``start_grace_s`` is how long the sender waits for the C after YMODEM block 0 is ACKed
     before sending the first data block anyway.
     """
@@ -413,7 +414,7 @@ class Sender:
         return Action(
             send=bytes(out.send),
             deadline_s=deadline,
-            want_bytes=1,
+            want_bytes=64,  # answers are one byte; take whatever else is there with it
             flush_input=out.flush,
             error=out.error,
         )
