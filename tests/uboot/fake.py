@@ -8,6 +8,7 @@ Ctrl-C, repeats the last command on an empty line (as U-Boot does), and can hang
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 BANNER = (
     b"\r\n\r\nU-Boot 2023.01+dfsg-2+deb12u3 (Jun 22 2026 - 08:38:07 +0000)\r\n\r\n"
@@ -42,6 +43,10 @@ class FakeUBoot:
         self.prompt = prompt
         self.answers = answers or {}
         self.stop_string = stop_string
+        self.autoboot = autoboot
+        self.countdown_s = countdown_s
+        #: What happens when the countdown runs out: "kernel", "bad-crc", "loop", "silent".
+        self.boot_outcome = "kernel"
         self.out = bytearray()
         self.sent = bytearray()
         self.lines: list[str] = []
@@ -50,6 +55,7 @@ class FakeUBoot:
         self._line = bytearray()
         self._last = ""
         self._stop_buf = b""
+        self._reset_pending = False
         # Boot timeline: (time, bytes) still to be printed.
         self._pending: list[tuple[float, bytes]] = []
         self.state = "prompt"
@@ -68,10 +74,34 @@ class FakeUBoot:
         while self._pending and self._pending[0][0] <= now:
             self.out += self._pending.pop(0)[1]
         if self.state == "countdown" and now >= self._boot_at:
-            self.state = "os"
-            self.out += b"\b\b\b 0 \r\nStarting kernel ...\r\n\r\n[    0.000000] Booting Linux\r\n"
+            self._boot(now)
         if self.state == "booting" and now >= self._countdown_at:
             self.state = "countdown"
+
+    def _boot(self, now: float) -> None:
+        """The countdown ran out: boot as ``boot_outcome`` says."""
+        outcome = self.boot_outcome
+        self.out += b"\b\b\b 0 \r\n"
+        if outcome == "kernel":
+            self.state = "os"
+            self.out += b"## Booting kernel from Legacy Image at 40400000 ...\r\n"
+            self.out += b"Starting kernel ...\r\n\r\n[    0.000000] Booting Linux on CPU 0\r\n"
+            self._pending.append((now + 1.0, b"[    1.200000] Run /sbin/init\r\nlogin: "))
+        elif outcome == "bad-crc":
+            self.state = "prompt"
+            self.out += b"## Booting kernel ...\r\n   Verifying Checksum ... Bad Data CRC\r\n"
+            self.out += b"ERROR: can't get kernel image!\r\n" + self.prompt
+        elif outcome == "loop":
+            self.out += b"Starting kernel ...\r\n[    0.000000] Kernel panic - not syncing\r\n"
+            self._restart(now + 0.5)
+        else:  # silent: hangs after the countdown
+            self.state = "os"
+
+    def _restart(self, at: float) -> None:
+        self.state = "booting"
+        self._pending.append((at, BANNER + self.autoboot))
+        self._countdown_at = at
+        self._boot_at = at + self.countdown_s
 
     # -- ByteLink ---------------------------------------------------------------------------
 
@@ -120,9 +150,10 @@ class FakeUBoot:
             self._line.clear()
             if not line:
                 line = self._last  # U-Boot repeats the last command
+            self._reset_pending = False
             if line:
                 self._execute(line)
-            if not self.hung:
+            if not self.hung and not self._reset_pending:
                 self.out += self.prompt
             return
         self._line += key
@@ -135,6 +166,12 @@ class FakeUBoot:
             self.hung = True
             return
         rc = 0
+        if line.strip() == "reset":
+            self.out += b"resetting ...\r\n"
+            self.hung = False
+            self._restart(self.clock.now + 0.3)
+            self._reset_pending = True
+            return
         for part in (p.strip() for p in line.split(";")):
             if part.startswith("echo "):
                 text = part[5:].strip('"')
@@ -154,3 +191,42 @@ class FakeUBoot:
                 text, rc = answer, 0
             if text:
                 self.out += text.replace("\n", "\r\n").encode() + b"\r\n"
+
+
+def probe_answers(data_dir: Path, *, vendor: str = "emulation") -> dict[str, str]:
+    """What the driver's probe asks, answered as Debian's qemu_arm64 U-Boot does."""
+    env = "\n".join(
+        [
+            "arch=arm",
+            "board=qemu-arm",
+            "board_name=qemu-arm",
+            "bootcmd=run distro_bootcmd",
+            "cpu=armv8",
+            "loadaddr=0x40200000",
+            f"vendor={vendor}",
+            "",
+            "Environment size: 4511/262140 bytes",
+        ]
+    )
+    bdinfo = "\n".join(
+        [
+            "DRAM bank   = 0x0000000000000000",
+            "-> start    = 0x0000000040000000",
+            "-> size     = 0x0000000020000000",
+            "relocaddr   = 0x000000005fef7000",
+            "Build       = 64-bit",
+            " reserved[0]\t[0x5ddb2000-0x5fffffff], 0x0224e000 bytes flags: 0",
+        ]
+    )
+    return {
+        "help": (data_dir / "help.txt").read_bytes().decode().replace("\r\n", "\n").strip(),
+        "version": "U-Boot 2023.01+dfsg-2+deb12u3 (Jun 22 2026 - 08:38:07 +0000)\n\n"
+        "aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0",
+        "bdinfo": bdinfo,
+        "printenv": env,
+        "flinfo": (data_dir / "flinfo.txt").read_bytes().decode().replace("\r\n", "\n").strip(),
+        "virtio info": (data_dir / "virtio-info.txt").read_bytes().decode().strip(),
+        "nvme scan": "",
+        "nvme info": "",
+        "mtd list": (data_dir / "mtd-list.txt").read_bytes().decode().strip(),
+    }

@@ -8,16 +8,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.uboot.fake import Clock, FakeUBoot, probe_answers
 from unbrick.errors import DeviceError, UsageError
 from unbrick.model.uri import parse_device_uri
 from unbrick.transports.uboot import parse as P
-from unbrick.transports.uboot.console import CTRL_C
+from unbrick.transports.uboot.console import CTRL_C, ConsoleState
 from unbrick.transports.uboot.driver import (
     Shadow,
     StorageMap,
+    UBootDriver,
     UBootOptions,
     _spans,
     default_map,
+    open_uboot,
     plan_ram,
 )
 
@@ -170,3 +173,80 @@ def test_options_from_the_uri() -> None:
     ]:
         with pytest.raises(UsageError, match=message):
             UBootOptions.from_address(parse_device_uri(f"uboot+tcp://h:1?{bad}"))
+
+
+# -- first boot, against the scripted console -----------------------------------------------------
+
+
+def _driver(
+    vendor: str, outcome: str, uri: str = "uboot+tcp://127.0.0.1:9"
+) -> tuple[UBootDriver, FakeUBoot]:
+    clock = Clock()
+    fake = FakeUBoot(clock, answers=probe_answers(DATA, vendor=vendor))
+    fake.boot_outcome = outcome
+    opts = UBootOptions(boot_quiet_s=3.0)
+    drv = open_uboot(parse_device_uri(uri), options=opts, link=fake)
+    drv.console.clock = clock
+    drv._clock = clock
+    return drv, fake
+
+
+def test_reboot_into_an_operating_system_that_starts() -> None:
+    drv, fake = _driver("acme", "kernel")
+    assert drv.firmware_mode == "os"
+    report = drv.reboot(60)
+    assert report.state == "firmware"
+    assert "Starting kernel" in report.log and "login:" in report.log
+    assert fake.state == "os"
+    assert drv.console.state is ConsoleState.LOST  # the OS owns the console now
+
+
+def test_reboot_that_falls_back_to_the_prompt_is_not_a_good_boot() -> None:
+    drv, _ = _driver("acme", "bad-crc")
+    report = drv.reboot(60)
+    assert report.state == "bootloader"
+    assert "Bad Data CRC" in report.log
+    assert drv.command("version").startswith("U-Boot 2023.01")  # still usable for a rollback
+
+
+def test_a_boot_loop_is_seen_and_stopped_at_the_prompt() -> None:
+    drv, fake = _driver("acme", "loop")
+    report = drv.reboot(60)
+    assert report.state == "bootloader"
+    assert report.log.count("U-Boot 2023.01") == 2 and "Kernel panic" in report.log
+    assert fake.state == "prompt" and drv.console.state is ConsoleState.PROMPT
+
+
+def test_a_device_that_says_nothing_after_reset_is_dead() -> None:
+    drv, fake = _driver("acme", "kernel")
+    fake.hang_on = "reset"
+    report = drv.reboot(10)
+    assert (report.state, report.log) == ("dead", "")
+
+
+def test_on_qemu_uboot_itself_is_the_firmware() -> None:
+    drv, fake = _driver("emulation", "bad-crc")
+    assert drv.firmware_mode == "uboot"
+    report = drv.reboot(60)
+    assert report.state == "firmware"
+    assert report.firmware_version == "2023.01+dfsg-2+deb12u3"
+    assert report.log.startswith("resetting ...")
+    assert report.log.endswith("Hit any key to stop autoboot")
+    assert fake.state == "prompt"  # autoboot stopped: the driver keeps the console
+    forced, _ = _driver("emulation", "kernel", uri="uboot+tcp://127.0.0.1:9?firmware=os")
+    assert forced.firmware_mode == "os" and forced.reboot(60).state == "firmware"
+
+
+def test_identity_from_the_probe() -> None:
+    drv, _ = _driver("emulation", "kernel")
+    ident = drv.identify()
+    assert (ident.model, ident.serial, ident.bootloader_version) == (
+        "qemu-arm",
+        "",
+        "2023.01+dfsg-2+deb12u3",
+    )
+    assert ident.firmware_version is None
+    assert (
+        ident.extra["storage_map"] == "virtio:0@0x0+0x2800000; nor:0x04000000@0x4000000+0x2000000"
+    )
+    assert ident.storage is not None and ident.storage.size_bytes == 0x06000000

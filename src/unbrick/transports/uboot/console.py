@@ -494,9 +494,18 @@ class Console:
     # -- resets -----------------------------------------------------------------------------
 
     def send_reset(self, command: str = "reset") -> None:
-        """Send the reset command without waiting for a prompt (the device restarts)."""
+        """Send the reset command without waiting for a prompt (the device restarts); its
+        echo is consumed, so a capture starts with what the device printed."""
         self._send_command(command)
         self._move(ConsoleState.BOOTING)
+        echo = re.compile(re.escape(command.encode()) + rb"\r?\n")
+        deadline = self.clock() + 2.0
+        while self.clock() < deadline:
+            m = echo.search(self._buf)
+            if m is not None:
+                del self._buf[: m.end()]
+                return
+            self._fill(deadline)
 
     def expect_boot(self) -> None:
         """The device restarts by other means (power cycle): watch it boot."""
