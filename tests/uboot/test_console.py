@@ -56,6 +56,15 @@ def test_attach_to_a_device_already_at_its_prompt_never_sends_an_empty_line() ->
     assert b"\n\n" not in fake.sent and not re.search(rb"(^|[\r\n])[\r\n]", bytes(fake.sent))
 
 
+def test_a_device_powered_on_late_with_a_short_countdown_is_still_caught() -> None:
+    clock = Clock()
+    fake = FakeUBoot(clock, boot_delay_s=1.5, countdown_s=0.5, answers=dict(ANSWERS))
+    con = console(fake, clock)
+    con.attach()
+    assert fake.state == "prompt" and con.state is ConsoleState.PROMPT
+    assert clock.now < 2.0
+
+
 def test_keyed_autoboot_is_stopped_by_the_configured_string() -> None:
     clock = Clock()
     fake = FakeUBoot(

@@ -305,27 +305,32 @@ class Console:
         limit = opts.attach_timeout_s if timeout_s is None else timeout_s
         deadline = self.clock() + limit
         seen = bytearray()
+        dropped = 0  # bytes cut from the front of ``seen`` (positions stay absolute)
         interrupted_at = -1
         last_data = self.clock()
         while self.clock() < deadline:
-            got = self._fill(min(deadline, self.clock() + 0.1))
-            if got:
-                last_data = self.clock()
+            before = len(seen)
+            if self._fill(min(deadline, self.clock() + 0.1)):
                 seen += self._buf
                 self._buf.clear()
-                del seen[: max(0, len(seen) - 256 * 1024)]
-            m = None
+            if len(seen) != before:
+                last_data = self.clock()
+            if len(seen) > 256 * 1024:
+                cut = len(seen) - 256 * 1024
+                del seen[:cut]
+                dropped += cut
+            banner = None
             for found in self._autoboot_re.finditer(seen):
-                m = found
-            if m is not None and m.start() > interrupted_at:
+                banner = found
+            if banner is not None and dropped + banner.start() > interrupted_at:
                 log.info("%s: autoboot banner seen; interrupting", self.name)
                 self._write(opts.interrupt)
-                interrupted_at = m.start()
+                interrupted_at = dropped + banner.start()
                 if self._sync(min(3.0, max(0.1, deadline - self.clock())), seen):
                     break
+                last_data = self.clock()
                 continue
-            quiet = self.clock() - last_data
-            if quiet >= opts.poke_after_s:
+            if self.clock() - last_data >= opts.poke_after_s:
                 if self._sync(min(2.0, max(0.1, deadline - self.clock())), seen):
                     break
                 last_data = self.clock()
@@ -342,7 +347,11 @@ class Console:
         return self.attach_log
 
     def _sync(self, timeout_s: float, seen: bytearray | None = None) -> bool:
-        """Ctrl-C, then ``echo`` of a fresh marker; True once the marker and the prompt show."""
+        """Ctrl-C, then ``echo`` of a fresh marker; True once the marker and the prompt show.
+
+        While attaching (``seen`` given) it gives up early when an autoboot banner appears,
+        so the caller can stop the countdown in time; what arrived goes to ``seen``.
+        """
         marker = f"ub-sync-{next(self._marker)}"
         self._write(CTRL_C)
         # Let an interrupted countdown or a half-typed line settle before the next line.
@@ -354,23 +363,20 @@ class Console:
             rb"\n" + re.escape(marker.encode()) + rb"\r?\n" + re.escape(self.options.prompt) + rb"$"
         )
         deadline = self.clock() + timeout_s
+        ok = False
         while self.clock() < deadline:
-            m = pattern.search(self._buf)
-            if m is not None:
-                if seen is not None:
-                    seen += self._buf
-                self._buf.clear()
-                self.state = (
-                    transition(self.state, ConsoleState.PROMPT)
-                    if self.state is not ConsoleState.PROMPT
-                    else self.state
-                )
-                return True
+            if pattern.search(self._buf) is not None:
+                ok = True
+                break
+            if seen is not None and self._autoboot_re.search(self._buf) is not None:
+                break
             self._fill(deadline)
         if seen is not None:
             seen += self._buf
         self._buf.clear()
-        return False
+        if ok and self.state is not ConsoleState.PROMPT:
+            self.state = transition(self.state, ConsoleState.PROMPT)
+        return ok
 
     def resync(self, timeout_s: float = 5.0) -> None:
         """Find the prompt again after a timeout (LOST); TransportError if it is gone."""

@@ -531,6 +531,8 @@ class UBootDriver:
                 Capability.CONSOLE,
             }
         )
+        #: What ``device_hash`` computes on the device itself ("sha256" is confirmed by it).
+        self.hash_algorithms: tuple[str, ...] = ("crc32", "sha256")
         self.stats = DriverStats()
         self.shadow = Shadow(self.options.shadow_bytes)
         self._closer = closer
@@ -595,9 +597,6 @@ class UBootDriver:
         if self.options.firmware != "auto":
             return self.options.firmware
         return "uboot" if self.probe.env.get("vendor") == "emulation" else "os"
-
-    def _has(self, command: str) -> bool:
-        return command in self.probe.commands
 
     def _read_probe(self) -> Probe:
         commands = P.parse_help(self._run("help", check=False).output)
