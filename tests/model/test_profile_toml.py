@@ -93,7 +93,8 @@ def test_every_builtin_profile_loads_and_is_named_after_its_file() -> None:
     assert {
         "builtin:sim-router.toml",
         "builtin:sim-router-ab.toml",
-        "builtin:qemu-arm64-uboot.toml",
+        "builtin:qemu-virt-arm64.toml",
+        "builtin:qemu-virt-arm.toml",
         "builtin:openwrt-tplink-archer-c7-v2.toml",
         "builtin:raspberry-pi-sd.toml",
         "builtin:esp32-devkitc.toml",
@@ -173,9 +174,13 @@ def test_realistic_profiles_hold_their_documented_facts() -> None:
         "phy_init": 0xF000,
         "app": 0x10000,
     }
-    nor = ps.get("qemu-arm64-uboot-nor")
-    assert nor.storage.erase_block_bytes == 256 << 10
-    assert nor.region("env") == Region("env", 0, 0x40000, kind="env")
+    qemu = ps.get("qemu-virt-arm64")
+    assert qemu.storage.erase_block_bytes == 128 << 10
+    assert qemu.region("env") == Region("env", 0x04000000, 0x40000, kind="env")
+    nor = qemu.region("nor-firmware")
+    assert nor is not None and (nor.offset, nor.size) == (0x04040000, 4 << 20)
+    disk = qemu.region("firmware")
+    assert disk is not None and (disk.offset, disk.size) == (1 << 20, 32 << 20)
     android = ps.get("android-fastboot-generic")
     assert android.storage.size_bytes == 0
     assert {r.slot_group for r in android.regions} == {"boot", "dtbo", "vbmeta"}

@@ -230,8 +230,8 @@ def test_device_region() -> None:
     ok, msg = check(base_ctx(identity=ident(region="JP")), "device.region")
     assert not ok and "device region is 'JP'" in msg
     # A profile without region requirements accepts any.
-    nor = PROFILES.get("qemu-arm64-uboot-nor")
-    ctx = base_ctx(profile=nor, targets=(region("firmware", nor),), identity=ident(region="JP"))
+    qemu = PROFILES.get("qemu-virt-arm64")
+    ctx = base_ctx(profile=qemu, targets=(region("firmware", qemu),), identity=ident(region="JP"))
     assert check(replace(ctx, manifest=None), "device.region") == (
         True,
         "device region 'JP' is supported",
