@@ -98,6 +98,13 @@ def tftp() -> None:
     "--windowsize-max", type=int, default=64, show_default=True, help="Largest windowsize."
 )
 @click.option(
+    "--window-bytes-max",
+    type=int,
+    default=128 * 1024,
+    show_default=True,
+    help="Cut windows to this many bytes (0: no cap); bigger bursts overflow receivers.",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=float,
@@ -116,6 +123,7 @@ def serve(
     overwrite: bool,
     blksize_max: int,
     windowsize_max: int,
+    window_bytes_max: int,
     timeout_s: float,
     retries: int,
     max_sessions: int,
@@ -145,6 +153,7 @@ def serve(
         retries=retries,
         blksize_max=blksize_max,
         windowsize_max=windowsize_max,
+        window_bytes_max=window_bytes_max,
         on_transfer=on_transfer,
     )
     try:

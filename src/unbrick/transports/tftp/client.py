@@ -271,8 +271,11 @@ def tftp_get(
         write: Callable[[memoryview], object]
         if decoder is not None:
             write = lambda chunk: out.write(decoder.feed(bytes(chunk)))  # noqa: E731
-        else:
+        elif temp:
             write = out.write
+        else:
+            # The chunk is a view of the receive buffer: a caller's stream gets its own copy.
+            write = lambda chunk: out.write(bytes(chunk))  # noqa: E731
         if isinstance(packet, OptionAck):
             try:
                 options = accept_oack(packet, answered.options, is_read=True)
@@ -379,12 +382,20 @@ def tftp_put(
     mode: str = "octet",
     send_tsize: bool = True,
     timeout_option: int | None = None,
+    window_bytes_max: int = 128 * 1024,
     loss: LossHook | None = None,
     on_progress: ProgressHook | None = None,
 ) -> TransferResult:
     """Write ``local`` (a path, a readable binary stream, or bytes) to ``remote`` on the TFTP
-    server at ``host:port``; returns once the server acknowledged the last block."""
+    server at ``host:port``; returns once the server acknowledged the last block.
+
+    The windowsize asked for is cut so that a window carries at most ``window_bytes_max``
+    bytes (0: no cap): a burst larger than the receiver's socket buffer is partly dropped on
+    every window, and the transfer crawls.
+    """
     _check_params(blksize, windowsize, mode)
+    if window_bytes_max > 0:
+        windowsize = min(windowsize, max(1, window_bytes_max // blksize))
     timing = Timing.make(timeout_s, retries)
     started = time.monotonic()
     stack = contextlib.ExitStack()

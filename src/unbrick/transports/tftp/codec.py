@@ -358,7 +358,7 @@ class ServerLimits:
     windowsize_max: int = 64
     #: Bytes a window may carry; a larger window is cut to fit (a burst of big blocks overflows
     #: receive buffers on loopback and collapses throughput). 0: no cap.
-    window_bytes_max: int = 256 * 1024
+    window_bytes_max: int = 128 * 1024
     max_upload_bytes: int = 8 << 30
 
 

@@ -212,7 +212,7 @@ class TftpServer:
         max_backoff_s: float | None = None,
         blksize_max: int = MAX_BLKSIZE,
         windowsize_max: int = 64,
-        window_bytes_max: int = 256 * 1024,
+        window_bytes_max: int = 128 * 1024,
         max_upload_bytes: int = 8 << 30,
         dally_s: float | None = None,
         loss: LossHook | None = None,

@@ -55,6 +55,7 @@ T = TypeVar("T")
 
 RECV_BYTES = 65536 + 4
 _TIMEVAL = struct.Struct("@ll")
+_DATA_HEADER = struct.Struct("!HH")
 # UDP generic segmentation offload (linux/udp.h); not exported by the socket module.
 _SOL_UDP = getattr(socket, "SOL_UDP", 17)
 _UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
@@ -64,6 +65,7 @@ _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65507
 _ACK = 4
 _DATA = 3
+_ERROR = 5
 
 
 class TransferRefused(TransportError):
@@ -139,6 +141,9 @@ class Channel:
         self.stop = stop
         self.counters = Counters()
         self._wait_s = -1.0
+        #: The datagram :meth:`recv_into` received is in ``buf[:n]`` (no allocation per packet).
+        self.buf = bytearray(RECV_BYTES)
+        self.view = memoryview(self.buf)
         sock.settimeout(None)
 
     def set_wait(self, seconds: float) -> None:
@@ -253,6 +258,25 @@ class Channel:
             return b""
         return data
 
+    def recv_into(self) -> int:
+        """Receive one datagram into :attr:`buf`: its length, 0 for a dropped or empty one,
+        -1 on a timeout."""
+        try:
+            n = self.sock.recv_into(self.buf)
+        except BlockingIOError:
+            self.check_stop()
+            return -1
+        except ConnectionRefusedError as e:
+            raise self.gone() from e
+        except OSError as e:
+            self.check_stop()
+            raise TransportError(f"cannot receive from {self.peer[0]}:{self.peer[1]}: {e}") from e
+        if n == 0:
+            self.check_stop()
+        elif self.loss is not None and self.loss("in", bytes(self.view[:n])):
+            return 0
+        return n
+
     def check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
             raise Cancelled("TFTP transfer cancelled: the server is stopping")
@@ -308,6 +332,24 @@ def await_reply(
         ch.counters.retransmits += 1
 
 
+def _complete(read: Callable[[int], bytes], chunk: bytes, size: int) -> bytes:
+    """``chunk`` topped up to ``size`` bytes by more reads (short only at the end)."""
+    if not chunk:
+        return chunk
+    try:
+        parts = [chunk]
+        have = len(chunk)
+        while have < size:
+            more = read(size - have)
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+    except OSError as e:
+        raise SourceError(f"cannot read the file being sent: {e}") from e
+    return b"".join(parts)
+
+
 def _read_exact(read: Callable[[int], bytes], size: int) -> bytes:
     """``size`` bytes, fewer only at the end of the stream."""
     try:
@@ -357,6 +399,8 @@ def send_stream(
     (the first shorter than ``blksize``, possibly empty) is acknowledged."""
     last_in_flight = [False]
     try:
+        if windowsize == 1:
+            return _send_lockstep(ch, read, blksize, timing, on_progress, last_in_flight)
         return _send_stream(ch, read, blksize, windowsize, timing, on_progress, last_in_flight)
     except OSError as e:
         error = ch.translate(e)
@@ -371,6 +415,94 @@ def send_stream(
                 f"{e.message}; every block was sent, the last was not acknowledged"
             ) from e
         raise
+
+
+def _send_lockstep(
+    ch: Channel,
+    read: Callable[[int], bytes],
+    blksize: int,
+    timing: Timing,
+    on_progress: ProgressHook | None,
+    last_in_flight: list[bool],
+) -> StreamResult:
+    """Windowsize 1, the common case (U-Boot's default, RFC 1350 peers): the same rules as
+    :func:`_send_stream` with one block in flight, kept lean because every ACK waits on it.
+    The next block is read while the peer works on the current one."""
+    send = ch.sender()
+    raw_recv_into = ch.sock.recv_into if ch.loss is None else None
+    buf = ch.buf
+    monotonic = time.monotonic
+    counters = ch.counters
+    pack = _DATA_HEADER.pack
+    ack = _ACK
+    block = 1
+    chunk = _read_exact(read, blksize)
+    total = len(chunk)
+    last = len(chunk) < blksize
+    packet = pack(_DATA, 1) + chunk
+    send(packet)
+    last_in_flight[0] = last
+    if not last:
+        next_chunk = _read_exact(read, blksize)
+        next_packet = pack(_DATA, 2) + next_chunk
+    wire_hi, wire_lo = 0, 1
+    wait = timing.timeout_s
+    ch.set_wait(wait)
+    tries = 0
+    deadline = monotonic() + wait
+    while True:
+        if raw_recv_into is not None:
+            try:
+                n = raw_recv_into(buf)
+            except BlockingIOError:
+                n = -1
+            if n <= 0:
+                ch.check_stop()
+        else:
+            n = ch.recv_into()
+        if n == 4 and buf[3] == wire_lo and buf[2] == wire_hi and buf[1] == ack and buf[0] == 0:
+            if last:
+                if on_progress is not None:
+                    on_progress(total)
+                return StreamResult(total, block, counters.retransmits, counters.timeouts)
+            block += 1
+            packet = next_packet
+            send(packet)
+            chunk = next_chunk
+            total += len(chunk)
+            last = len(chunk) < blksize
+            last_in_flight[0] = last
+            wire_hi, wire_lo = (block >> 8) & 0xFF, block & 0xFF
+            if tries:
+                tries = 0
+                wait = timing.timeout_s
+                ch.set_wait(wait)
+            if not last:
+                try:
+                    next_chunk = read(blksize)
+                except OSError as e:
+                    raise SourceError(f"cannot read the file being sent: {e}") from e
+                if len(next_chunk) < blksize:
+                    next_chunk = _complete(read, next_chunk, blksize)
+                next_packet = pack(_DATA, (block + 1) & 0xFFFF) + next_chunk
+            deadline = monotonic() + wait
+            if on_progress is not None:
+                on_progress(total)
+            continue
+        if n >= 4 and buf[1] == _ERROR and buf[0] == 0:
+            raise remote_error(bytes(ch.view[:n]), ch.peer)
+        if n > 4 or (n > 0 and buf[1] != _ACK):
+            log.debug("ignoring unexpected %d-byte packet from %s", n, ch.peer)
+        # A duplicate ACK is never answered (the Sorcerer's Apprentice bug).
+        if n >= 0 and monotonic() < deadline:
+            continue
+        tries += 1
+        _timed_out(ch, tries, f"stopped acknowledging (block {block & 0xFFFF})", timing)
+        wait = min(wait * 2, timing.max_backoff_s)
+        ch.set_wait(wait)
+        deadline = monotonic() + wait
+        send(packet)
+        counters.retransmits += 1
 
 
 def _send_stream(
@@ -391,7 +523,9 @@ def _send_stream(
     eof = False
     total = 0
     send_window = ch.window_sender()
-    recv = ch.recv
+    send_one = ch.sender()
+    recv_into = ch.recv_into
+    buf = ch.buf
     monotonic = time.monotonic
     counters = ch.counters
     header = data_header
@@ -415,20 +549,24 @@ def _send_stream(
     tries = 0
     deadline = monotonic() + wait
     while True:
-        datagram = recv()
-        if datagram is not None and len(datagram) == 4 and datagram[1] == _ACK:
-            acked = ((datagram[2] << 8 | datagram[3]) - base + 1) & 0xFFFF
-            if datagram[0] == 0 and 0 < acked <= inflight:
+        n = recv_into()
+        if n == 4 and buf[1] == _ACK and buf[0] == 0:
+            acked = ((buf[2] << 8 | buf[3]) - base + 1) & 0xFFFF
+            if 0 < acked <= inflight:
                 del queue[:acked]
                 base += acked
-                if not queue and eof:
+                if not queue:
                     if on_progress is not None:
                         on_progress(total)
                     return StreamResult(total, base - 1, counters.retransmits, counters.timeouts)
-                window = queue[:windowsize]
-                send_window(window)
-                counters.retransmits += inflight - acked
-                inflight = len(window)
+                if windowsize == 1:
+                    send_one(queue[0])
+                    inflight = 1
+                else:
+                    window = queue[:windowsize]
+                    send_window(window)
+                    counters.retransmits += inflight - acked
+                    inflight = len(window)
                 last_in_flight[0] = eof and inflight == len(queue)
                 if tries:
                     tries = 0
@@ -440,11 +578,11 @@ def _send_stream(
                     on_progress(total)
                 continue
             # A duplicate or stale ACK is never answered (the Sorcerer's Apprentice bug).
-        elif datagram is not None and len(datagram) >= 4 and datagram[:2] == b"\0\5":
-            raise remote_error(datagram, ch.peer)
-        elif datagram:
-            log.debug("ignoring unexpected %d-byte packet from %s", len(datagram), ch.peer)
-        if datagram is not None and monotonic() < deadline:
+        elif n >= 4 and buf[1] == _ERROR and buf[0] == 0:
+            raise remote_error(bytes(ch.view[:n]), ch.peer)
+        elif n > 0:
+            log.debug("ignoring unexpected %d-byte packet from %s", n, ch.peer)
+        if n >= 0 and monotonic() < deadline:
             continue
         tries += 1
         _timed_out(ch, tries, f"stopped acknowledging (block {base & 0xFFFF})", timing)
@@ -515,21 +653,24 @@ def _receive_stream(
     ch.set_wait(wait)
     tries = 0
     send = ch.sender()
-    recv = ch.recv
+    recv_into = ch.recv_into
+    buf = ch.buf
+    view = ch.view
     monotonic = time.monotonic
     counters = ch.counters
     deadline = monotonic() + wait
     pending = first
     while True:
         if pending is not None:
-            datagram: bytes | None = pending
+            n = len(pending)
+            buf[:n] = pending
             pending = None
         else:
-            datagram = recv()
-        if datagram is not None and len(datagram) >= 4 and datagram[1] == _DATA:
-            block = datagram[2] << 8 | datagram[3]
-            if block == expected & 0xFFFF and datagram[0] == 0:
-                size = len(datagram) - 4
+            n = recv_into()
+        if n >= 4 and buf[1] == _DATA and buf[0] == 0:
+            block = buf[2] << 8 | buf[3]
+            if block == expected & 0xFFFF:
+                size = n - 4
                 if size > blksize:
                     ch.send_error(ErrorCode.ILLEGAL_OPERATION, f"block larger than {blksize}")
                     raise TransportError(
@@ -546,7 +687,7 @@ def _receive_stream(
                     )
                 if size:
                     try:
-                        write(memoryview(datagram)[4:])
+                        write(view[4:n])
                     except OSError as e:
                         ch.send_error(ErrorCode.DISK_FULL, "cannot store the data")
                         raise SourceError(f"cannot store the data received: {e}") from e
@@ -581,7 +722,7 @@ def _receive_stream(
                     if on_progress is not None:
                         on_progress(total)
                 continue
-            if datagram[0] == 0 and (windowsize == 1 or not extra_ack_sent):
+            if windowsize == 1 or not extra_ack_sent:
                 # Out of order, or a repeat: acknowledge what we have in order, once per
                 # window (every time in lock-step). Before block 1 this is ACK 0: the peer
                 # evidently has the OACK.
@@ -590,11 +731,11 @@ def _receive_stream(
                 counters.retransmits += 1
                 extra_ack_sent = True
                 in_window = 0
-        elif datagram is not None and len(datagram) >= 4 and datagram[:2] == b"\0\5":
-            raise remote_error(datagram, ch.peer)
-        elif datagram:
-            log.debug("ignoring unexpected %d-byte packet from %s", len(datagram), ch.peer)
-        if datagram is not None and monotonic() < deadline:
+        elif n >= 4 and buf[1] == _ERROR and buf[0] == 0:
+            raise remote_error(bytes(view[:n]), ch.peer)
+        elif n > 0:
+            log.debug("ignoring unexpected %d-byte packet from %s", n, ch.peer)
+        if n >= 0 and monotonic() < deadline:
             continue
         tries += 1
         _timed_out(ch, tries, f"stopped sending (waiting for block {expected & 0xFFFF})", timing)
