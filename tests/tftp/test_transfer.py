@@ -79,6 +79,7 @@ def test_get_and_put_round_trip(
     read = server.wait_for_transfer("image.bin", timeout_s=5)
     write = server.wait_for_transfer("back.bin", timeout_s=5)
     assert (read.direction, read.ok, read.size_bytes) == ("read", True, size)
+    assert read.path == str((data_root / "image.bin").resolve())
     assert (write.direction, write.ok, write.size_bytes) == ("write", True, size)
     assert (write.options.blksize, write.options.windowsize) == (blksize, windowsize)
     # No temporary file is left in the root.
@@ -444,9 +445,9 @@ def test_open_for_read_checks_the_opened_descriptor(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     (root / "f").write_bytes(b"1234")
-    f, size = open_for_read(str(root.resolve()), "f")
+    f, size, path = open_for_read(str(root.resolve()), "f")
     with f:
-        assert (f.read(), size) == (b"1234", 4)
+        assert (f.read(), size, path) == (b"1234", 4, str((root / "f").resolve()))
 
 
 # --- client fallbacks against minimal scripted servers -----------------------------------------

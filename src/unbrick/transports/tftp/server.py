@@ -110,12 +110,12 @@ def _fd_path(fd: int) -> str | None:
         return None
 
 
-def open_for_read(root: str, name: str) -> tuple[BinaryIO, int]:
+def open_for_read(root: str, name: str) -> tuple[BinaryIO, int, str]:
     """Open ``root/name`` for reading; ``root`` must be a resolved (real) path.
 
-    Returns the open file and its size. Symlinks are followed only while they stay inside
-    root, and the opened descriptor is checked again, so a link swapped in between does not
-    let a file outside root out.
+    Returns the open file, its size and its resolved path. Symlinks are followed only while
+    they stay inside root, and the opened descriptor is checked again, so a link swapped in
+    between does not let a file outside root out.
     """
     parts = check_name(name)
     real = os.path.realpath(os.path.join(root, *parts))
@@ -138,7 +138,7 @@ def open_for_read(root: str, name: str) -> tuple[BinaryIO, int]:
         if actual is not None and not _inside(root, actual):
             raise PathRefused(f"{name!r} was opened outside the root")
         os.set_blocking(fd, True)
-        return open(fd, "rb", buffering=_READ_BUFFER_BYTES, closefd=True), info.st_size
+        return open(fd, "rb", buffering=_READ_BUFFER_BYTES, closefd=True), info.st_size, real
     except BaseException:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -180,6 +180,17 @@ class TransferRecord:
     error: str = ""
     retransmits: int = 0
     path: str = ""
+
+
+@dataclass
+class _Outcome:
+    """What a session learned while it ran (filled in step by step, read for the record)."""
+
+    options: TransferOptions = field(default_factory=TransferOptions)
+    size_bytes: int = 0
+    path: str = ""
+    #: After an upload: the final ACK and its block, to repeat while dallying.
+    final_ack: tuple[bytes, int] | None = None
 
 
 @dataclass(eq=False)
@@ -462,7 +473,7 @@ class TftpServer:
     def _run_session(self, session: _Session, request: Request, client: tuple[str, int]) -> None:
         started = time.monotonic()
         direction = "read" if request.is_read else "write"
-        outcome: dict[str, object] = {"options": TransferOptions(), "size": 0, "path": ""}
+        outcome = _Outcome()
         ok = False
         error = ""
         retransmits = 0
@@ -512,10 +523,8 @@ class TftpServer:
         finally:
             retransmits = ch.counters.retransmits
             self._finish(session)
-            options = outcome["options"]
-            assert isinstance(options, TransferOptions)
-            size = outcome["size"]
-            assert isinstance(size, int)
+            options = outcome.options
+            size = outcome.size_bytes
             record = TransferRecord(
                 client=client,
                 filename=request.filename,
@@ -527,7 +536,7 @@ class TftpServer:
                 ok=ok,
                 error=error,
                 retransmits=retransmits,
-                path=str(outcome["path"]),
+                path=outcome.path,
             )
             if ok:
                 log.info(
@@ -541,11 +550,10 @@ class TftpServer:
                     options.windowsize,
                 )
             self._record(record)
-            dally_ack = outcome.get("dally")
-            if ok and isinstance(dally_ack, tuple):
+            if ok and outcome.final_ack is not None:
                 # The record is out; answer a lost final ACK's retransmissions a while longer.
                 with contextlib.suppress(TransportError):
-                    dally(ch, dally_ack[0], dally_ack[1], self.dally_s)
+                    dally(ch, *outcome.final_ack, self.dally_s)
             sock.close()
             self._finish(session, closed=True)
 
@@ -561,11 +569,10 @@ class TftpServer:
             return self.timing
         return Timing.make(float(options.timeout_s), self.timing.retries)
 
-    def _serve_read(self, ch: Channel, request: Request, outcome: dict[str, object]) -> None:
+    def _serve_read(self, ch: Channel, request: Request, outcome: _Outcome) -> None:
         if request.mode == "mail":
             raise PathRefused("mail mode is not supported", code=ErrorCode.ILLEGAL_OPERATION)
-        f, size = open_for_read(str(self.root), request.filename)
-        outcome["path"] = f.name if isinstance(f.name, str) else ""
+        f, size, outcome.path = open_for_read(str(self.root), request.filename)
         with f:
             reader: BinaryIO = f
             if request.mode == "netascii":
@@ -581,7 +588,7 @@ class TftpServer:
             if decision.error is not None:
                 raise PathRefused(decision.error.message, code=decision.error.code)
             options = decision.options
-            outcome["options"] = options
+            outcome.options = options
             timing = self._timing_for(options)
             if decision.oack:
                 await_reply(
@@ -598,20 +605,20 @@ class TftpServer:
                 windowsize=options.windowsize,
                 timing=timing,
             )
-            outcome["size"] = result.size_bytes
+            outcome.size_bytes = result.size_bytes
 
-    def _serve_write(self, ch: Channel, request: Request, outcome: dict[str, object]) -> None:
+    def _serve_write(self, ch: Channel, request: Request, outcome: _Outcome) -> None:
         if not self.allow_write:
             raise PathRefused("uploads are disabled on this server (start it with allow_write)")
         if request.mode == "mail":
             raise PathRefused("mail mode is not supported", code=ErrorCode.ILLEGAL_OPERATION)
         target = target_for_write(str(self.root), request.filename, overwrite=self.overwrite)
-        outcome["path"] = target
+        outcome.path = target
         decision = negotiate(request, file_size=None, limits=self.limits)
         if decision.error is not None:
             raise PathRefused(decision.error.message, code=decision.error.code)
         options = decision.options
-        outcome["options"] = options
+        outcome.options = options
         timing = self._timing_for(options)
         directory, base = os.path.split(target)
         fd, temp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
@@ -665,8 +672,8 @@ class TftpServer:
                     on_complete=complete,
                 )
                 committed = True
-                outcome["size"] = result.size_bytes
-                outcome["dally"] = (ack_bytes(result.blocks & 0xFFFF), result.blocks & 0xFFFF)
+                outcome.size_bytes = result.size_bytes
+                outcome.final_ack = (ack_bytes(result.blocks & 0xFFFF), result.blocks & 0xFFFF)
         finally:
             if not committed:
                 with contextlib.suppress(OSError):

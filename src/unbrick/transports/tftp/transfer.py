@@ -151,9 +151,9 @@ class Channel:
         if seconds == self._wait_s:
             return
         whole = int(seconds)
-        micros = max(1, int((seconds - whole) * 1_000_000)) if whole == 0 else 0
-        if whole:
-            micros = int((seconds - whole) * 1_000_000)
+        micros = int((seconds - whole) * 1_000_000)
+        if whole == 0 and micros == 0:
+            micros = 1  # zero would mean "wait forever"
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micros))
         self._wait_s = seconds
 
@@ -445,11 +445,14 @@ def _send_lockstep(
     if not last:
         next_chunk = _read_exact(read, blksize)
         next_packet = pack(_DATA, 2) + next_chunk
-    wire_hi, wire_lo = 0, 1
+    wire = 1
     wait = timing.timeout_s
     ch.set_wait(wait)
     tries = 0
-    deadline = monotonic() + wait
+    # The kernel's receive timeout (SO_RCVTIMEO) bounds silence; the deadline bounds a stream
+    # of packets that make no progress. It starts at the first such packet, which saves a
+    # clock read per block.
+    deadline = 0.0
     while True:
         if raw_recv_into is not None:
             try:
@@ -460,7 +463,7 @@ def _send_lockstep(
                 ch.check_stop()
         else:
             n = ch.recv_into()
-        if n == 4 and buf[3] == wire_lo and buf[2] == wire_hi and buf[1] == ack and buf[0] == 0:
+        if n == 4 and (buf[2] << 8 | buf[3]) == wire and buf[1] == ack and buf[0] == 0:
             if last:
                 if on_progress is not None:
                     on_progress(total)
@@ -470,14 +473,11 @@ def _send_lockstep(
             send(packet)
             chunk = next_chunk
             total += len(chunk)
-            last = len(chunk) < blksize
-            last_in_flight[0] = last
-            wire_hi, wire_lo = (block >> 8) & 0xFF, block & 0xFF
-            if tries:
-                tries = 0
-                wait = timing.timeout_s
-                ch.set_wait(wait)
-            if not last:
+            wire = block & 0xFFFF
+            if len(chunk) < blksize:
+                last = True
+                last_in_flight[0] = True
+            else:
                 try:
                     next_chunk = read(blksize)
                 except OSError as e:
@@ -485,7 +485,11 @@ def _send_lockstep(
                 if len(next_chunk) < blksize:
                     next_chunk = _complete(read, next_chunk, blksize)
                 next_packet = pack(_DATA, (block + 1) & 0xFFFF) + next_chunk
-            deadline = monotonic() + wait
+            if tries:
+                tries = 0
+                wait = timing.timeout_s
+                ch.set_wait(wait)
+            deadline = 0.0
             if on_progress is not None:
                 on_progress(total)
             continue
@@ -494,13 +498,17 @@ def _send_lockstep(
         if n > 4 or (n > 0 and buf[1] != _ACK):
             log.debug("ignoring unexpected %d-byte packet from %s", n, ch.peer)
         # A duplicate ACK is never answered (the Sorcerer's Apprentice bug).
-        if n >= 0 and monotonic() < deadline:
-            continue
+        if n >= 0:
+            now = monotonic()
+            if not deadline:
+                deadline = now + wait
+            if now < deadline:
+                continue
         tries += 1
         _timed_out(ch, tries, f"stopped acknowledging (block {block & 0xFFFF})", timing)
         wait = min(wait * 2, timing.max_backoff_s)
         ch.set_wait(wait)
-        deadline = monotonic() + wait
+        deadline = 0.0
         send(packet)
         counters.retransmits += 1
 
