@@ -188,9 +188,12 @@ def test_retransmission_backs_off_exponentially_then_gives_up(
     times = [t - start for t, _, _ in arrivals]
     assert [decode(d) for _, d, _ in arrivals] == [Data(1, b"x" * 100)] * 4
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps[0] == pytest.approx(0.1, abs=0.08)
-    assert gaps[1] == pytest.approx(0.2, abs=0.08)
-    assert gaps[2] == pytest.approx(0.4, abs=0.1)
+    # 0.1, 0.2, 0.4 s; a loaded machine adds delay to each, so check bounds and doubling.
+    assert gaps[0] >= 0.09
+    assert gaps[1] >= 0.19
+    assert gaps[2] >= 0.39
+    assert gaps[1] > 1.4 * gaps[0]
+    assert gaps[2] > 1.4 * gaps[1]
     record = server.wait_for_transfer("f.bin", timeout_s=5)
     assert not record.ok
     assert "stopped acknowledging" in record.error
