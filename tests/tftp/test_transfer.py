@@ -7,6 +7,7 @@ import io
 import itertools
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -613,6 +614,24 @@ def test_wait_for_transfer_reports_a_device_pull(make_server: MakeServer, data_r
     assert record.ok
     assert record.size_bytes == 6
     assert record.direction == "read"
+
+
+def test_ipv6_loopback(data_root: Path) -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    (data_root / "a.bin").write_bytes(b"v6" * 3000)
+    with TftpServer(data_root, host="::1", allow_write=True, timeout_s=0.2) as server:
+        host, port = server.address
+        assert host == "::1"
+        out = io.BytesIO()
+        tftp_get("::1", port, "a.bin", out, windowsize=4)
+        assert out.getvalue() == b"v6" * 3000
+        tftp_put("::1", port, "b.bin", b"six" * 999, windowsize=4)
+        assert server.wait_for_transfer("b.bin", timeout_s=5).ok
+    assert (data_root / "b.bin").read_bytes() == b"six" * 999
 
 
 def test_server_arguments_are_checked(tmp_path: Path) -> None:

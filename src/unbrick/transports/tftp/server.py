@@ -425,7 +425,8 @@ class TftpServer:
         except MalformedPacket as e:
             log.warning("malformed TFTP request from %s:%d: %s", *client, e.message)
             if len(datagram) < 2 or datagram[:2] != b"\0\5":
-                self._reply(client, error_bytes(ErrorCode.ILLEGAL_OPERATION, e.message))
+                # A short, fixed answer: junk must not be answered with more bytes than needed.
+                self._reply(client, error_bytes(ErrorCode.ILLEGAL_OPERATION, "malformed"))
             return
         if not isinstance(packet, Request):
             if not isinstance(packet, (OptionAck,)) and datagram[:2] != b"\0\5":

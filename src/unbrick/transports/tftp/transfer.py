@@ -293,7 +293,8 @@ def remote_error(datagram: bytes, peer: tuple[str, int]) -> TftpRemoteError:
         packet = decode(datagram)
     except MalformedPacket:
         packet = Error(ErrorCode.NOT_DEFINED, "malformed ERROR packet")
-    assert isinstance(packet, Error)
+    if not isinstance(packet, Error):
+        packet = Error(ErrorCode.NOT_DEFINED, f"unexpected {type(packet).__name__}")
     return TftpRemoteError(
         f"TFTP peer {peer[0]}:{peer[1]} ended the transfer: {packet.describe()}",
         code=packet.code,
