@@ -146,3 +146,29 @@ def test_parse_address(text: str, default: int | None, expected: tuple[str, int]
 def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(UsageError):
         parse_address(text, default_port=None, what="x")
+
+
+def test_get_and_put_commands_in_process(tmp_path: Path) -> None:
+    """The same commands through click's runner (measured by coverage)."""
+    from click.testing import CliRunner
+
+    from unbrick.cli.tftp import tftp
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "fw.bin").write_bytes(payload(5000, seed=8))
+    runner = CliRunner()
+    with TftpServer(root, host="127.0.0.1", allow_write=True) as server:
+        address = f"127.0.0.1:{server.address[1]}"
+        local = tmp_path / "fw.bin"
+        got = runner.invoke(tftp, ["get", address, "fw.bin", str(local), "--windowsize", "4"])
+        assert got.exit_code == 0, got.output
+        assert "received 'fw.bin': 5000 bytes" in got.output
+        assert local.read_bytes() == (root / "fw.bin").read_bytes()
+        put = runner.invoke(
+            tftp, ["put", address, str(local), "copy.bin", "--mode", "netascii", "--blksize", "512"]
+        )
+        assert put.exit_code == 0, put.output
+        assert "sent 'copy.bin'" in put.output
+        assert server.wait_for_transfer("copy.bin", timeout_s=5).ok
+    assert (root / "copy.bin").read_bytes() == local.read_bytes()
