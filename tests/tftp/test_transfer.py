@@ -654,3 +654,18 @@ def test_stray_packets_to_the_request_port_get_an_error(
     raw.send(struct.pack("!HH", 5, 0) + b"bye\0", server.address)  # an ERROR: not answered
     with pytest.raises(TimeoutError):
         raw.recv(0.2)
+
+
+@pytest.mark.unit
+def test_spin_policy_probes_both_ways_then_keeps_the_faster() -> None:
+    from unbrick.transports.tftp.transfer import SpinPolicy
+
+    policy = SpinPolicy(20, exploit_epochs=3)
+    assert policy.current == 20  # the first epoch polls
+    assert policy.epoch_done(1.0) == 0  # measured with polling; now without
+    assert policy.epoch_done(2.0) == 20  # without was slower: poll
+    assert [policy.epoch_done(1.0) for _ in range(3)] == [20, 20, 20]
+    assert policy.epoch_done(1.0) == 0  # probing again: without polling
+    assert policy.epoch_done(0.5) == 0  # without was faster now: stop polling
+    policy.give_up()
+    assert [policy.epoch_done(0.1) for _ in range(12)] == [0] * 12

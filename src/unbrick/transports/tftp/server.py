@@ -490,6 +490,10 @@ class TftpServer:
             self._finish(session, closed=True)
             return
         ch = Channel(sock, client, loss=self.loss, stop=self._stop)
+        with self._lock:
+            if len(self._sessions) > 1:
+                # Polling for ACKs pays off for one transfer; several share one interpreter.
+                ch.spin_attempts = 0
         try:
             if request.is_read:
                 self._serve_read(ch, request, outcome)

@@ -54,6 +54,12 @@ ProgressHook = Callable[[int], None]
 T = TypeVar("T")
 
 RECV_BYTES = 65536 + 4
+#: Lock-step senders try this many non-blocking receives before they sleep in the kernel...
+SPIN_ATTEMPTS = 20
+#: ...stop trying after this many blocks in a row whose ACK took longer (a slow link)...
+SPIN_GIVE_UP = 32
+#: ...and measure, every so many blocks, whether trying pays (see :class:`SpinPolicy`).
+SPIN_EPOCH_BLOCKS = 512
 _TIMEVAL = struct.Struct("@ll")
 _DATA_HEADER = struct.Struct("!HH")
 # UDP generic segmentation offload (linux/udp.h); not exported by the socket module.
@@ -90,6 +96,43 @@ class Cancelled(TransportError):
     """The transfer was stopped from outside (server shutdown)."""
 
     default_hint = "the server was stopped while the transfer ran"
+
+
+class SpinPolicy:
+    """Decides from measurements whether a lock-step sender polls for ACKs (pure logic).
+
+    Polling wins on an idle machine (the ACK arrives before a sleeping thread could be woken)
+    and loses on a busy one (it takes CPU time the peer needs). So the sender alternates: one
+    epoch with polling, one without, then the faster way for ``exploit_epochs`` epochs, and
+    measures again.
+    """
+
+    def __init__(self, attempts: int, *, exploit_epochs: int = 8) -> None:
+        self.attempts = attempts
+        self.exploit_epochs = exploit_epochs
+        self.phase = 0
+        self.with_spin_s = 0.0
+        self.current = attempts
+
+    def give_up(self) -> None:
+        """Polling keeps missing (a slow link): never poll again in this transfer."""
+        self.attempts = 0
+        self.current = 0
+
+    def epoch_done(self, elapsed_s: float) -> int:
+        """Record how long the last epoch took; return the attempts for the next one."""
+        if self.attempts == 0:
+            return 0
+        if self.phase == 0:
+            self.with_spin_s = elapsed_s
+            self.current = 0
+        elif self.phase == 1:
+            self.current = self.attempts if self.with_spin_s < elapsed_s else 0
+        elif self.phase >= 1 + self.exploit_epochs:
+            self.phase = -1
+            self.current = self.attempts
+        self.phase += 1
+        return self.current
 
 
 @dataclass
@@ -141,6 +184,9 @@ class Channel:
         self.stop = stop
         self.counters = Counters()
         self._wait_s = -1.0
+        #: Lock-step only: non-blocking receive attempts before sleeping (see
+        #: :func:`_send_lockstep`); 0 turns spinning off.
+        self.spin_attempts = SPIN_ATTEMPTS
         #: The datagram :meth:`recv_into` received is in ``buf[:n]`` (no allocation per packet).
         self.buf = bytearray(RECV_BYTES)
         self.view = memoryview(self.buf)
@@ -428,9 +474,22 @@ def _send_lockstep(
 ) -> StreamResult:
     """Windowsize 1, the common case (U-Boot's default, RFC 1350 peers): the same rules as
     :func:`_send_stream` with one block in flight, kept lean because every ACK waits on it.
-    The next block is read while the peer works on the current one."""
+
+    The next block is read while the peer works on the current one. Then the ACK is polled
+    for a few microseconds before the thread sleeps: on a fast link the ACK is usually there by
+    then, and waking a sleeping thread (an idle CPU, in a virtual machine especially) costs more
+    than the peer's whole turn. Polling stops for the rest of the transfer when it keeps
+    missing (a link with a longer round trip), and the server turns it off when several
+    transfers share the process.
+    """
     send = ch.sender()
     raw_recv_into = ch.sock.recv_into if ch.loss is None else None
+    policy = SpinPolicy(ch.spin_attempts if raw_recv_into is not None else 0)
+    spin = policy.current
+    misses = 0
+    dontwait = socket.MSG_DONTWAIT
+    epoch_left = SPIN_EPOCH_BLOCKS
+    epoch_start = time.monotonic()
     buf = ch.buf
     monotonic = time.monotonic
     counters = ch.counters
@@ -456,10 +515,25 @@ def _send_lockstep(
     deadline = 0.0
     while True:
         if raw_recv_into is not None:
-            try:
-                n = raw_recv_into(buf)
-            except BlockingIOError:
-                n = -1
+            n = -2
+            if spin:
+                for _ in range(spin):
+                    try:
+                        n = raw_recv_into(buf, 0, dontwait)
+                        misses = 0
+                        break
+                    except BlockingIOError:
+                        pass
+                else:
+                    misses += 1
+                    if misses >= SPIN_GIVE_UP:
+                        policy.give_up()
+                        spin = 0
+            if n == -2:
+                try:
+                    n = raw_recv_into(buf)
+                except BlockingIOError:
+                    n = -1
             if n <= 0:
                 ch.check_stop()
         else:
@@ -491,6 +565,12 @@ def _send_lockstep(
                 wait = timing.timeout_s
                 ch.set_wait(wait)
             deadline = 0.0
+            epoch_left -= 1
+            if not epoch_left:
+                now = monotonic()
+                spin = policy.epoch_done(now - epoch_start)
+                epoch_start = now
+                epoch_left = SPIN_EPOCH_BLOCKS
             if on_progress is not None:
                 on_progress(total)
             continue
