@@ -19,6 +19,10 @@ Rules that keep the protocol stable under loss:
   every duplicate block is acknowledged again.
 * Retransmission timeouts back off exponentially (doubling, capped) and are counted per
   attempt; the timer does not restart on packets that make no progress.
+
+Speed: waiting uses the kernel's receive timeout (one system call per datagram), datagrams are
+received into one buffer per channel, a window leaves in one system call with UDP segmentation
+offload, and the lock-step sender may poll for the ACK before it sleeps (:class:`SpinPolicy`).
 """
 
 from __future__ import annotations
