@@ -42,6 +42,7 @@ test: deps setup lint typecheck contracts pytest
 
 bench: setup deps
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/tftp_bench.py --no-sweep
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
