@@ -405,19 +405,9 @@ def _read_exact(read: Callable[[int], bytes], size: int) -> bytes:
     """``size`` bytes, fewer only at the end of the stream."""
     try:
         chunk = read(size)
-        if len(chunk) >= size or not chunk:
-            return chunk
-        parts = [chunk]
-        have = len(chunk)
-        while have < size:
-            more = read(size - have)
-            if not more:
-                break
-            parts.append(more)
-            have += len(more)
     except OSError as e:
         raise SourceError(f"cannot read the file being sent: {e}") from e
-    return b"".join(parts)
+    return chunk if len(chunk) >= size else _complete(read, chunk, size)
 
 
 @dataclass(frozen=True)
