@@ -65,6 +65,18 @@ def test_a_larger_disk_is_cut_at_the_nor_window_and_small_disks_leave_a_hole() -
     assert StorageMap(()).size_bytes == 0
 
 
+def test_boot_bank_maps_the_flash_at_0_instead_of_the_disk() -> None:
+    smap = default_map((VIRTIO,), BANKS, boot_bank=True)
+    assert [w.name for w in smap.windows] == ["nor:0x00000000", "nor:0x04000000"]
+    ((win, off, _),) = smap.split(0x80000, 0x10000)
+    assert (win.kind, win.base + off) == ("nor", 0x80000)
+    on = UBootOptions.from_address(parse_device_uri("uboot+tcp://127.0.0.1:1?boot_bank=on"))
+    assert on.boot_bank is True
+    assert UBootOptions.from_address(parse_device_uri("uboot+tcp://h:1")).boot_bank is False
+    with pytest.raises(UsageError, match="boot_bank='maybe': use on or off"):
+        UBootOptions.from_address(parse_device_uri("uboot+tcp://h:1?boot_bank=maybe"))
+
+
 def test_ram_buffers_sit_at_loadaddr_below_what_uboot_reserved() -> None:
     board = P.BoardInfo(
         fields={},

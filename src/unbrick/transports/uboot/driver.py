@@ -102,6 +102,9 @@ class UBootOptions:
     firmware: str = "auto"
     #: Program NOR word by word when ``cp.b`` did not compare equal.
     nor_fallback: bool = True
+    #: Map a NOR bank at CPU address 0 too (boards whose firmware shares the boot flash, as
+    #: most routers); by default that bank is left out, as U-Boot runs from it on QEMU.
+    boot_bank: bool = False
     #: Bytes per word of the word-program loop; None: the port width ``flinfo`` reports.
     nor_word_bytes: int | None = None
     #: "auto" (loadx, or loady when XMODEM would mangle the data), "loadx", "loady".
@@ -133,7 +136,7 @@ class UBootOptions:
     @classmethod
     def from_address(cls, address: DeviceAddress, base: UBootOptions | None = None) -> UBootOptions:
         """Options from ``uboot+...?baud=&interrupt=&prompt=&block=&firmware=&nor_fallback=
-        &nor_word=&transfer=&ram=&timeout=&max_transfer=`` over ``base``."""
+        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=`` over ``base``."""
         opts = base or cls()
         console = opts.console
         interrupt = address.param("interrupt")
@@ -151,9 +154,8 @@ class UBootOptions:
             if not 0 < value <= 3600:
                 raise UsageError(f"{address.uri}: timeout={timeout} is out of range")
             console = replace(console, command_timeout_s=value)
-        fallback = address.param("nor_fallback")
-        if fallback not in (None, "0", "1", "on", "off", "yes", "no", "true", "false"):
-            raise UsageError(f"{address.uri}: nor_fallback={fallback!r}: use on or off")
+        fallback = _flag(address, "nor_fallback")
+        boot_bank = _flag(address, "boot_bank")
         ram = address.param("ram")
         return replace(
             opts,
@@ -161,14 +163,25 @@ class UBootOptions:
             baudrate=address.int_param("baud", opts.baudrate),
             block=address.param("block", opts.block),
             firmware=address.param("firmware", opts.firmware) or opts.firmware,
-            nor_fallback=opts.nor_fallback
-            if fallback is None
-            else fallback in ("1", "on", "yes", "true"),
+            nor_fallback=opts.nor_fallback if fallback is None else fallback,
+            boot_bank=opts.boot_bank if boot_bank is None else boot_bank,
             nor_word_bytes=address.int_param("nor_word", opts.nor_word_bytes or 0) or None,
             transfer=address.param("transfer", opts.transfer) or opts.transfer,
             ram_base=address.int_param("ram", 0) if ram else opts.ram_base,
             max_transfer=address.int_param("max_transfer", opts.max_transfer),
         )
+
+
+def _flag(address: DeviceAddress, name: str) -> bool | None:
+    """An on/off query parameter; None when absent."""
+    value = address.param(name)
+    if value is None:
+        return None
+    if value.lower() in ("1", "on", "yes", "true"):
+        return True
+    if value.lower() in ("0", "off", "no", "false"):
+        return False
+    raise UsageError(f"{address.uri}: {name}={value!r}: use on or off")
 
 
 def _interrupt_bytes(text: str) -> bytes:
@@ -254,11 +267,14 @@ def default_map(
     blocks: tuple[P.BlockDevice, ...],
     banks: tuple[P.FlashBank, ...],
     preferred: str | None = None,
+    *,
+    boot_bank: bool = False,
 ) -> StorageMap:
-    """The default address map (see the module's docstring)."""
+    """The default address map (see the module's docstring); ``boot_bank`` maps a NOR bank at
+    address 0 too (the disk then gets no window)."""
     windows: list[Window] = []
     for bank in banks:
-        if bank.base == 0:
+        if bank.base == 0 and not boot_bank:
             continue  # the boot flash U-Boot runs from
         unit = bank.uniform_sector_bytes or max(s.size_bytes for s in bank.sectors)
         windows.append(
@@ -582,7 +598,9 @@ class UBootDriver:
     def storage_map(self) -> StorageMap:
         if self._map is None:
             p = self.probe
-            self._map = default_map(p.blocks, p.banks, self.options.block)
+            self._map = default_map(
+                p.blocks, p.banks, self.options.block, boot_bank=self.options.boot_bank
+            )
         return self._map
 
     @property
