@@ -128,6 +128,9 @@ def test_sim_router_has_the_simulator_layout() -> None:
     assert p.recovery.methods == ("sim",)
     assert p.boot.success_pattern is not None
     assert re.search(p.boot.success_pattern, "firmware 1.2.0 booted")
+    assert p.boot.version_pattern is not None
+    found = re.search(p.boot.version_pattern, "SimRouter firmware 2.1.0 booted\nlogin:")
+    assert found is not None and found.group(1) == "2.1.0"
     for line in (
         "Bad Data CRC",
         "Bad Header Checksum",
@@ -311,6 +314,11 @@ def test_match_rule_must_set_exactly_one_form() -> None:
             ("neither a region nor a slot group",),
         ),
         ("[boot]\n", "[boot]\ntimeout_s = -1\n", ("'timeout_s' in [boot]", "above 0")),
+        (
+            "[boot]\n",
+            '[boot]\nversion_pattern = "v[0-9.]+"\n',
+            ("'version_pattern' in [boot]", "needs a group"),
+        ),
     ],
 )
 def test_type_and_value_errors_name_the_key(old: str, new: str, fragments: tuple[str, ...]) -> None:

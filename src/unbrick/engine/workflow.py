@@ -1225,6 +1225,10 @@ def boot_problems(
 ) -> list[str]:
     """Why a boot report is not a good first boot (empty: it is)."""
     problems: list[str] = []
+    version = report.firmware_version
+    if version is None and profile.boot.version_pattern:
+        found = re.search(profile.boot.version_pattern, report.log)
+        version = found.group(1) if found else None
     if report.state != "firmware":
         problems.append(f"the device did not boot its firmware (state '{report.state}')")
     for pattern in profile.boot.failure_patterns:
@@ -1233,10 +1237,8 @@ def boot_problems(
             problems.append(f"boot log shows '{m.group(0)}'")
     if profile.boot.success_pattern and not re.search(profile.boot.success_pattern, report.log):
         problems.append(f"boot log lacks the success pattern /{profile.boot.success_pattern}/")
-    if profile.boot.expect_version and expect_version and report.firmware_version != expect_version:
-        problems.append(
-            f"the device runs version {report.firmware_version!r}, expected {expect_version!r}"
-        )
+    if profile.boot.expect_version and expect_version and version != expect_version:
+        problems.append(f"the device runs version {version!r}, expected {expect_version!r}")
     if slot is not None and report.booted_slot not in (None, slot):
         problems.append(f"the device booted slot '{report.booted_slot}', not the new '{slot}'")
     return problems

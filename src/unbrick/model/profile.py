@@ -90,6 +90,9 @@ class BootCheck:
     #: The booted firmware must report the image's version.
     expect_version: bool = True
     timeout_s: float = 60.0
+    #: Where a link cannot ask the firmware its version (a serial console), the boot log
+    #: tells it: the first group of this pattern's first match.
+    version_pattern: str | None = None
 
 
 @dataclass(frozen=True)

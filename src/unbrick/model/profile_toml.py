@@ -78,7 +78,13 @@ _TOP_KEYS = (
 _STORAGE_KEYS = ("type", "size", "erase_block", "bad_blocks")
 _REGION_KEYS = ("name", "offset", "size", "kind", "critical", "slot", "slot_group", "formats")
 _RECOVERY_KEYS = ("instructions", "methods", "wait_s")
-_BOOT_KEYS = ("success_pattern", "failure_patterns", "expect_version", "timeout_s")
+_BOOT_KEYS = (
+    "success_pattern",
+    "failure_patterns",
+    "expect_version",
+    "timeout_s",
+    "version_pattern",
+)
 _COMPAT_KEYS = ("models", "hw_revisions", "regions", "min_bootloader")
 _LOADER_KEYS = ("region", "description")
 _RULE_KEYS = ("equals", "one_of", "pattern")
@@ -448,7 +454,11 @@ def _boot(top: _Table) -> BootCheck:
         return BootCheck()
     success = t.str_("success_pattern")
     failures = t.str_list("failure_patterns")
+    version = t.str_("version_pattern")
+    if version is not None and re.compile(t.regex("version_pattern", version)).groups < 1:
+        raise t.bad("version_pattern", f"needs a group around the version: {version!r}")
     return BootCheck(
+        version_pattern=version,
         success_pattern=t.regex("success_pattern", success) if success is not None else None,
         failure_patterns=tuple(t.regex("failure_patterns", p) for p in failures),
         expect_version=t.bool_("expect_version", True),

@@ -607,6 +607,7 @@ class UBootFace:
             "board": cfg.model.lower(),
             "board_name": cfg.model,
             "board_rev": cfg.hw_revision,
+            "region": cfg.region,
             "serial#": cfg.serial,
             "loadaddr": f"0x{LOAD_ADDRESS:x}",
             "stdin": "serial",

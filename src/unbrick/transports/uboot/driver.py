@@ -72,6 +72,9 @@ OS_STARTED = re.compile(
     rb"Starting kernel|Booting Linux|Linux version \d|## Starting application|"
     rb"Booting kernel|Uncompressing Linux|EFI stub: Booting"
 )
+#: Environment variables boards use for their hardware revision and their market region.
+HW_REVISION_VARS = ("board_rev", "board_revision", "hw_rev", "hwrev", "hw_revision", "hwver")
+REGION_VARS = ("region", "country", "country_code", "regioncode")
 _BANNER = re.compile(rb"U-Boot(?: SPL)? 20\d\d\.\d\d")
 _FIRMWARE_MODES = ("auto", "uboot", "os")
 _TRANSFERS = ("auto", "loadx", "loady")
@@ -113,6 +116,9 @@ class UBootOptions:
     ram_base: int | None = None
     #: Silence that ends the capture of an operating system's boot (firmware "os").
     boot_quiet_s: float = 5.0
+    #: Typed at the operating system's console to get back to U-Boot (after a boot into the
+    #: firmware); empty: wait for a power cycle.
+    os_reboot: str = "reboot"
     #: XMODEM/YMODEM: wait for each answer, and retransmissions per block.
     transfer_timeout_s: float = 10.0
     transfer_retries: int = 10
@@ -136,7 +142,8 @@ class UBootOptions:
     @classmethod
     def from_address(cls, address: DeviceAddress, base: UBootOptions | None = None) -> UBootOptions:
         """Options from ``uboot+...?baud=&interrupt=&prompt=&block=&firmware=&nor_fallback=
-        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=`` over ``base``."""
+        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=&os_reboot=`` over
+        ``base``."""
         opts = base or cls()
         console = opts.console
         interrupt = address.param("interrupt")
@@ -168,6 +175,7 @@ class UBootOptions:
             nor_word_bytes=address.int_param("nor_word", opts.nor_word_bytes or 0) or None,
             transfer=address.param("transfer", opts.transfer) or opts.transfer,
             ram_base=address.int_param("ram", 0) if ram else opts.ram_base,
+            os_reboot=address.param("os_reboot", opts.os_reboot) or "",
             max_transfer=address.int_param("max_transfer", opts.max_transfer),
         )
 
@@ -729,6 +737,8 @@ class UBootDriver:
         return DeviceIdentity(
             model=model,
             serial=serial,
+            hw_revision=_first(env, HW_REVISION_VARS),
+            region=_first(env, REGION_VARS),
             bootloader_version=version.version,
             # Which firmware the storage holds is not something U-Boot can say.
             firmware_version=None,
@@ -1258,6 +1268,11 @@ class UBootDriver:
                 return
             except TransportError:
                 log.info("%s: no prompt; waiting for the device to boot", self.address)
+        elif con.state is ConsoleState.LOST and self.options.os_reboot:
+            # The operating system owns the console (the last boot reached it): ask it to
+            # restart, so that U-Boot's countdown comes round again.
+            log.info("%s: asking the operating system to %r", self.address, self.options.os_reboot)
+            con.link.write(b"\r" + self.options.os_reboot.encode() + b"\r")
         con.expect_boot()
         con.attach(timeout_s)
         self._fills_ready = False
@@ -1302,6 +1317,11 @@ class UBootDriver:
         con.state = ConsoleState.LOST  # the operating system owns the console now
         state = "firmware" if OS_STARTED.search(raw) else "dead"
         return BootReport(log=_tail(text), state=state)
+
+
+def _first(env: dict[str, str], names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` set (non-empty) in ``env``."""
+    return next((env[n] for n in names if env.get(n)), None)
 
 
 def _uniform(data: bytes) -> int | None:
