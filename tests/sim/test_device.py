@@ -53,7 +53,9 @@ def test_kind_layouts_are_the_shipped_ones() -> None:
         ("firmware_b", 0x400000, 0x380000, "b"),
     ]
     for kind in KINDS.values():
-        assert kind.geometry.size_bytes == 8 << 20 and kind.geometry.erase_block_bytes == 64 << 10
+        if kind.geometry.type != "nand":  # router-nand: see tests/sim/test_uboot_face_mtd.py
+            assert kind.geometry.size_bytes == 8 << 20
+            assert kind.geometry.erase_block_bytes == 64 << 10
         assert kind.region("bootloader").critical
     assert KINDS["router"].model == "SimRouter" and KINDS["router-ab"].model == "SimRouterAB"
     with pytest.raises(UsageError, match="unknown sim device kind"):

@@ -66,6 +66,22 @@ def parse_faults(specs: tuple[str, ...]) -> Faults:
     )
 
 
+def parse_block_list(text: str) -> tuple[int, ...]:
+    """``--bad-blocks 20,21,0x40``: erase block indexes."""
+    out = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            out.append(int(item, 0))
+        except ValueError as e:
+            raise UsageError(
+                f"--bad-blocks {text!r}: {item!r} is not a block number",
+                hint="give erase block indexes separated by commas, e.g. 20,21",
+            ) from e
+    return tuple(out)
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
@@ -93,6 +109,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     type=click.FloatRange(min=0.0),
     help="Seconds the console's autoboot countdown lasts (default: bootdelay seconds).",
 )
+@click.option(
+    "--bad-blocks",
+    help="NAND kinds: erase blocks the chip reports bad, e.g. 20,21,40 (a new device).",
+)
 def sim(
     kind: str,
     name: str,
@@ -103,15 +123,23 @@ def sim(
     reset_factory: bool,
     brick: str | None,
     autoboot_delay: float | None,
+    bad_blocks: str | None,
 ) -> int:
-    """Run a simulated device of KIND (router, router-ab) until SIGTERM/SIGINT.
+    """Run a simulated device of KIND (router, router-ab, router-spi, router-nand) until
+    SIGTERM/SIGINT.
 
     Faults: power-cut-after=N (the Nth flash operation is cut short by a power loss),
     bit-error-rate=P (per answer frame), disconnect-after=N (frames per connection),
     slow=BYTES_PER_S, power-on-delay=S, seed=N.
     """
     from unbrick.sim.device import check_name
-    from unbrick.sim.kinds import create_device, device_exists, get_kind, load_device
+    from unbrick.sim.kinds import (
+        check_bad_blocks,
+        create_device,
+        device_exists,
+        get_kind,
+        load_device,
+    )
     from unbrick.sim.server import SimServer
     from unbrick.sim.uboot_face import ConsoleConfig
     from unbrick.transports.sim import (
@@ -122,15 +150,16 @@ def sim(
         write_registry,
     )
 
-    get_kind(kind)
+    spec = get_kind(kind)
     check_name(name)
+    bad = check_bad_blocks(spec, parse_block_list(bad_blocks or ""))
     host, port = parse_listen(listen)
     fault_set = parse_faults(faults)
     registry_dir = registry or default_registry_dir(os.environ, Path.home())
     devices_dir = state_dir or registry_dir / "devices"
 
     if reset_factory or not device_exists(devices_dir, name):
-        device = create_device(kind, devices_dir, name, power_on=False)
+        device = create_device(kind, devices_dir, name, power_on=False, bad_blocks=bad)
     else:
         device = load_device(devices_dir, name, power_on=False)
         if device.kind != kind:
@@ -138,6 +167,13 @@ def sim(
             raise UsageError(
                 f"device {name!r} in {devices_dir} is a {device.kind}, not a {kind}",
                 hint="use --reset-factory to recreate it, or another --name",
+            )
+        if bad_blocks is not None and device.config.geometry.bad_blocks != bad:
+            device.close()
+            raise UsageError(
+                f"device {name!r} was made with bad blocks "
+                f"{list(device.config.geometry.bad_blocks) or 'none'}, not {list(bad)}",
+                hint="use --reset-factory to recreate it with these bad blocks",
             )
     stop = threading.Event()
     server = None

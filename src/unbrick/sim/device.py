@@ -53,7 +53,7 @@ from unbrick.sim.firmware import (
     check_bootloader,
     read_calibration,
 )
-from unbrick.sim.flash import MAX_OP_BYTES, Flash, FlashGeometry, PowerLoss
+from unbrick.sim.flash import MAX_OP_BYTES, Flash, FlashGeometry, PowerLoss, pad_to_page
 from unbrick.transports.base import BootState
 
 log = logging.getLogger(__name__)
@@ -275,12 +275,28 @@ def default_env(config: DeviceConfig) -> dict[str, str]:
         )
     else:
         fw = config.find_region("firmware")
-        if fw is not None:
+        if fw is not None and config.geometry.type == "nand":
+            env["bootcmd"] = (
+                f"nand read 0x{RAM_ADDRESS:x} 0x{fw.offset:x} 0x{fw.size:x}; "
+                f"bootm 0x{RAM_ADDRESS:x}"
+            )
+        elif fw is not None:
             env["bootcmd"] = (
                 f"sf probe; sf read 0x{RAM_ADDRESS:x} 0x{fw.offset:x} 0x{fw.size:x}; "
                 f"bootm 0x{RAM_ADDRESS:x}"
             )
     return env
+
+
+def read_lines(config: DeviceConfig, region: Region) -> list[str]:
+    """What the boot command prints when it reads ``region`` into RAM."""
+    if config.geometry.type == "nand":
+        return [
+            "",
+            f"NAND read: device 0 offset 0x{region.offset:x}, size 0x{region.size:x}",
+            f" {region.size} bytes read: OK",
+        ]
+    return [f"SF: {region.size} bytes @ 0x{region.offset:x} Read: OK"]
 
 
 def env_copies(config: DeviceConfig) -> tuple[int, int]:
@@ -309,7 +325,7 @@ def save_env(flash: Flash, config: DeviceConfig, env: dict[str, str]) -> None:
     """Write ``env`` to the older copy (erase, then program): the newer copy stays valid."""
     _, seq, target = load_env(flash, config)
     eb = config.geometry.erase_block_bytes
-    blob = encode_env(seq + 1, env, eb)
+    blob = pad_to_page(config.geometry, encode_env(seq + 1, env, eb))
     flash.erase(target, eb)
     flash.program(target, blob)
 
@@ -534,33 +550,44 @@ class SimDevice:
             "",
             f"Model: {cfg.model} rev {cfg.hw_revision}",
             "DRAM:  128 MiB",
-            f"SF: Detected {cfg.chip.lower()} with page size 256 Bytes, erase size "
-            f"{geo.erase_block_bytes // 1024} KiB, total {geo.size_bytes // (1024 * 1024)} MiB",
         ]
+        where = "SPIFlash"
+        if geo.type == "nand":
+            lines.append(f"NAND:  {geo.size_bytes // (1024 * 1024)} MiB")
+            where = "NAND"
+        else:
+            lines.append(
+                f"SF: Detected {cfg.chip.lower()} with page size 256 Bytes, erase size "
+                f"{geo.erase_block_bytes // 1024} KiB, total {geo.size_bytes // (1024 * 1024)} MiB"
+            )
         env, _, _ = load_env(self.flash, cfg)
         if env is None:
             lines += [
-                "Loading Environment from SPIFlash... ",
+                f"Loading Environment from {where}... ",
                 "*** Warning - bad CRC, using default environment",
             ]
             env = default_env(cfg)
         else:
-            lines.append("Loading Environment from SPIFlash... OK")
+            lines.append(f"Loading Environment from {where}... OK")
         lines += ["In:    serial", "Out:   serial", "Err:   serial", "Net:   eth0"]
         return env
 
-    def _read_region(self, offset: int, size: int) -> bytes:
+    def _read_region(self, offset: int, size: int, limit: int | None = None) -> bytes:
+        """``size`` bytes from ``offset``; on NAND bad blocks are skipped (up to ``limit``, the
+        region's end), as the bootloader's ``nand read`` does."""
+        if self.config.geometry.type == "nand":
+            return self.flash.read_skip_bad(offset, size, limit)
         parts = []
         for pos in range(offset, offset + size, MAX_OP_BYTES):
             parts.append(self.flash.read(pos, min(MAX_OP_BYTES, offset + size - pos)))
         return b"".join(parts)
 
     def _check_slot(self, region: Region) -> BootImage:
-        header = self.flash.read(region.offset, min(HEADER_SIZE, region.size))
+        header = self._read_region(region.offset, min(HEADER_SIZE, region.size), region.end)
         declared = int.from_bytes(header[12:16], "big") if len(header) >= 16 else 0
         n = min(region.size, HEADER_SIZE + declared)
         return check_boot(
-            self._read_region(region.offset, n),
+            self._read_region(region.offset, n, region.end),
             min_security_version=self.config.security_version,
             model=self.config.model,
             hw_revision=self.config.hw_revision,
@@ -571,7 +598,7 @@ class SimDevice:
         if fw is None:
             lines.append("ERROR: no firmware region")
             return None, None
-        lines.append(f"SF: {fw.size} bytes @ 0x{fw.offset:x} Read: OK")
+        lines.extend(read_lines(self.config, fw))
         result = self._check_slot(fw)
         lines.extend(result.lines)
         if result.outcome == "bad":
@@ -607,7 +634,7 @@ class SimDevice:
         for slot in order:
             region = cfg.slot_region(slot)
             lines.append(f"Booting slot {slot} ({region.name})")
-            lines.append(f"SF: {region.size} bytes @ 0x{region.offset:x} Read: OK")
+            lines.extend(read_lines(self.config, region))
             result = self._check_slot(region)
             lines.extend(result.lines)
             if result.outcome != "bad":
@@ -820,11 +847,15 @@ class SimDevice:
             else:
                 raise UsageError(f"unknown brick mode {mode!r}", hint="use soft or hard")
             eb = cfg.geometry.erase_block_bytes
+            bad = set(cfg.geometry.bad_blocks)
             for region in targets:
                 span = min(region.size, 4 * eb)
-                head = self._read_region(region.offset, span)
-                self.flash.erase(region.offset, span)
-                self.flash.program(region.offset, head[: span // 4])
+                head = self._read_region(region.offset, span, region.end)
+                for block in range(region.offset // eb, (region.offset + span) // eb):
+                    if block not in bad:
+                        self.flash.erase(block * eb, eb)
+                good = next(b for b in range(region.offset // eb, region.end // eb) if b not in bad)
+                self.flash.program(good * eb, head[: span // 4])
             self._power_off(f"{mode} brick")
             self._boot(False)
 

@@ -91,6 +91,42 @@ class FlashGeometry:
         )
 
 
+def skip_bad_spans(
+    geometry: FlashGeometry, offset: int, length: int, limit: int | None = None
+) -> tuple[list[tuple[int, int]], int]:
+    """Where ``length`` bytes go when they are written (or read) from ``offset`` skipping bad
+    blocks, as U-Boot's ``nand write``/``nand read`` do: the data continues in the next good
+    block. Returns the physical ``(offset, length)`` spans and the bytes that did not fit
+    before ``limit`` (the end of the partition, or of the chip)."""
+    eb = geometry.erase_block_bytes
+    end = geometry.size_bytes if limit is None else min(limit, geometry.size_bytes)
+    bad = frozenset(geometry.bad_blocks)
+    spans: list[tuple[int, int]] = []
+    pos, left = offset, length
+    while left > 0 and pos < end:
+        block = pos // eb
+        block_end = min((block + 1) * eb, end)
+        if block in bad:
+            pos = block_end
+            continue
+        n = min(left, block_end - pos)
+        if spans and spans[-1][0] + spans[-1][1] == pos:
+            spans[-1] = (spans[-1][0], spans[-1][1] + n)
+        else:
+            spans.append((pos, n))
+        pos += n
+        left -= n
+    return spans, left
+
+
+def pad_to_page(geometry: FlashGeometry, data: bytes) -> bytes:
+    """``data`` padded with 0xFF to a whole NAND page (NOR data is returned as it is), as
+    NAND drivers pad a partial last page."""
+    if geometry.type != "nand":
+        return data
+    return data + b"\xff" * (-len(data) % geometry.page_bytes)
+
+
 def _and_bytes(old: bytes, data: bytes) -> bytes:
     n = len(data)
     return (int.from_bytes(old, "big") & int.from_bytes(data, "big")).to_bytes(n, "big")
@@ -254,6 +290,16 @@ class Flash:
                     f"NAND page at 0x{offset + pos:x} was already programmed since its last erase",
                     hint="erase the block before programming it again",
                 )
+
+    def read_skip_bad(self, offset: int, length: int, limit: int | None = None) -> bytes:
+        """``length`` bytes from ``offset``, skipping bad blocks (as ``nand read`` does);
+        what does not fit before ``limit`` reads as erased (0xFF)."""
+        spans, missing = skip_bad_spans(self.geometry, offset, length, limit)
+        parts = []
+        for start, n in spans:
+            for pos in range(start, start + n, MAX_OP_BYTES):
+                parts.append(self.read(pos, min(MAX_OP_BYTES, start + n - pos)))
+        return b"".join(parts) + b"\xff" * missing
 
     def hash(self, offset: int, length: int, algorithm: str = "sha256") -> str:
         self._check_range("hash", offset, length)

@@ -1,13 +1,20 @@
 """The catalog of simulated device kinds and their flash layouts.
 
-The layouts agree with the shipped profiles ``data/profiles/sim-router.toml`` and
-``sim-router-ab.toml``; change both together.
+The layouts agree with the shipped profiles ``data/profiles/sim-router.toml``,
+``sim-router-ab.toml``, ``sim-router-spi.toml`` and ``sim-router-nand.toml``; change both
+together.
+
+``router`` and ``router-ab`` boot from a parallel (CFI) NOR flash that the console shows at
+CPU address 0; ``router-spi`` has the same layout on a SPI NOR chip (``sf`` commands);
+``router-nand`` has a raw NAND chip (``nand`` and ``mtd`` commands) with 128 KiB erase blocks,
+2 KiB pages and, optionally, factory-marked bad blocks in its firmware partition. Its firmware
+is written skipping bad blocks, as ``nand write`` does from the partition's start.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from unbrick.errors import SourceError, UsageError
@@ -24,7 +31,7 @@ from unbrick.sim.device import (
     write_config,
 )
 from unbrick.sim.firmware import build_bootloader, build_calibration, build_firmware
-from unbrick.sim.flash import Flash, FlashGeometry
+from unbrick.sim.flash import Flash, FlashGeometry, pad_to_page, skip_bad_spans
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -75,6 +82,11 @@ def _common() -> tuple[Region, ...]:
 
 
 _NOR_8M = FlashGeometry(type="nor", size_bytes=8 * MIB, erase_block_bytes=64 * KIB)
+_SPI_8M = FlashGeometry(type="spi-nor", size_bytes=8 * MIB, erase_block_bytes=64 * KIB)
+#: The NAND kind: 32 MiB, 128 KiB blocks of 64 pages of 2 KiB.
+NAND_GEOMETRY = FlashGeometry(
+    type="nand", size_bytes=32 * MIB, erase_block_bytes=128 * KIB, page_bytes=2 * KIB
+)
 
 KINDS: dict[str, SimKind] = {
     "router": SimKind(
@@ -115,6 +127,54 @@ KINDS: dict[str, SimKind] = {
 }
 
 
+KINDS["router-spi"] = SimKind(
+    name="router-spi",
+    model="SimRouterSPI",
+    geometry=_SPI_8M,
+    regions=KINDS["router"].regions,
+)
+KINDS["router-nand"] = SimKind(
+    name="router-nand",
+    model="SimRouterNAND",
+    geometry=NAND_GEOMETRY,
+    regions=(
+        Region("bootloader", 0x000000, 0x100000, kind="bootloader", critical=True),
+        Region("env", 0x100000, 0x040000, kind="env"),
+        Region("calibration", 0x140000, 0x040000, kind="calibration"),
+        # 30.5 MiB for images of up to about 24 MiB: the rest is room for bad blocks.
+        Region("firmware", 0x180000, 0x1E80000, kind="firmware", formats=("uimage",)),
+    ),
+    chip="MX30LF1G18AC",
+    jedec_id="c2f1",
+)
+
+
+def check_bad_blocks(kind: SimKind, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """The bad blocks to give a device of ``kind`` (sorted); UsageError when the kind has no
+    NAND or a block is outside the chip or in a region that must be good (the bootloader,
+    its environment and the calibration data: the sim's boot ROM does not skip bad blocks)."""
+    if not blocks:
+        return ()
+    geo = kind.geometry
+    if geo.type != "nand":
+        raise UsageError(
+            f"sim kind {kind.name} has {geo.type} flash: only NAND has bad blocks",
+            hint="use --bad-blocks with router-nand",
+        )
+    eb = geo.erase_block_bytes
+    for block in blocks:
+        if not 0 <= block < geo.blocks:
+            raise UsageError(f"bad block {block} is outside the chip (blocks 0-{geo.blocks - 1})")
+        for r in kind.regions:
+            if r.kind in ("bootloader", "env", "calibration") and r.offset <= block * eb < r.end:
+                raise UsageError(
+                    f"bad block {block} (offset 0x{block * eb:x}) is in region {r.name}, "
+                    "which the sim needs good",
+                    hint="choose blocks in the firmware partition",
+                )
+    return tuple(sorted(set(blocks)))
+
+
 def get_kind(name: str) -> SimKind:
     try:
         return KINDS[name]
@@ -148,13 +208,17 @@ def create_device(
     firmware_version: str = FACTORY_FIRMWARE_VERSION,
     faults: Faults | None = None,
     power_on: bool = True,
+    bad_blocks: tuple[int, ...] = (),
 ) -> SimDevice:
     """A factory-fresh device of ``kind`` in ``state_dir`` (any earlier state is replaced).
 
     The flash holds a valid bootloader, both env copies, the calibration block and firmware
-    ``firmware_version`` (at ``security_version``) in every firmware slot.
+    ``firmware_version`` (at ``security_version``) in every firmware slot. ``bad_blocks``
+    (NAND kinds) are erase block indexes the chip reports bad.
     """
     spec = get_kind(kind)
+    bad = check_bad_blocks(spec, bad_blocks)
+    geometry = replace(spec.geometry, bad_blocks=bad)
     paths = device_paths(state_dir, name)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -168,12 +232,12 @@ def create_device(
         hw_revision=hw_revision,
         region=region,
         security_version=security_version,
-        geometry=spec.geometry,
+        geometry=geometry,
         regions=spec.regions,
         chip=spec.chip,
         jedec_id=spec.jedec_id,
     )
-    flash = Flash(paths.flash, spec.geometry)
+    flash = Flash(paths.flash, geometry)
     try:
         _factory_program(flash, config, bootloader_version, firmware_version)
         flash.flush()
@@ -190,12 +254,13 @@ def create_device(
 def _factory_program(
     flash: Flash, config: DeviceConfig, bootloader_version: str, firmware_version: str
 ) -> None:
-    eb = config.geometry.erase_block_bytes
+    geo = config.geometry
+    eb = geo.erase_block_bytes
     boot = next(r for r in config.regions if r.kind == "bootloader")
-    flash.program(boot.offset, build_bootloader(bootloader_version))
+    flash.program(boot.offset, pad_to_page(geo, build_bootloader(bootloader_version)))
     env = default_env(config)
     for seq, offset in enumerate(env_copies(config), start=1):
-        flash.program(offset, encode_env(seq, env, eb))
+        flash.program(offset, pad_to_page(geo, encode_env(seq, env, eb)))
     cal = config.find_region("calibration")
     if cal is not None:
         fields = {
@@ -204,7 +269,7 @@ def _factory_program(
             "hw_revision": config.hw_revision,
             "region": config.region,
         }
-        flash.program(cal.offset, build_calibration(fields))
+        flash.program(cal.offset, pad_to_page(geo, build_calibration(fields)))
     image = build_firmware(
         config.model,
         firmware_version,
@@ -215,7 +280,12 @@ def _factory_program(
     )
     for r in config.regions:
         if r.kind == "firmware":
-            flash.program(r.offset, image)
+            # Skipping bad blocks from the partition's start, as ``nand write`` does.
+            spans, _ = skip_bad_spans(geo, r.offset, len(image), r.end)
+            pos = 0
+            for start, n in spans:
+                flash.program(start, pad_to_page(geo, image[pos : pos + n]))
+                pos += n
 
 
 def load_device(

@@ -56,7 +56,17 @@ from unbrick.sim.device import (
     env_copies,
 )
 from unbrick.sim.firmware import check_boot, read_calibration
-from unbrick.sim.flash import MAX_OP_BYTES, PowerLoss
+from unbrick.sim.flash import MAX_OP_BYTES, PowerLoss, pad_to_page
+from unbrick.sim.uboot_mtd import (
+    MTD_NAMES,
+    MTD_USAGE,
+    NAND_USAGE,
+    SF_USAGE,
+    MtdCommands,
+    Part,
+    flip_one_bit,
+    mtdparts_text,
+)
 from unbrick.sim.ymodem_rx import (
     LinkLost,
     ReceiveError,
@@ -97,10 +107,19 @@ class ConsoleConfig:
     xmodem_poll_s: float = 1.0
     #: loadx/loady: no block for this long aborts (U-Boot's CONFIG_CMD_LOADXY_TIMEOUT=90).
     xmodem_timeout_s: float = 90.0
+    #: Pause before the first output to a new terminal. pyserial's ``socket://`` handler
+    #: discards what arrives while it opens the connection, so a banner sent at once is lost.
+    greeting_delay_s: float = 0.1
+    #: Fault: the next N flash writes made by console commands (``sf write``/``update``,
+    #: ``nand write``, ``mtd write``, ``cp`` to flash) store one bit flipped (a marginal cell);
+    #: ``nand write`` notices it in its read-back, the others do not.
+    corrupt_writes: int = 0
 
     def __post_init__(self) -> None:
         if self.autoboot_delay_s is not None and self.autoboot_delay_s < 0:
             raise UsageError("the autoboot delay must not be negative")
+        if self.greeting_delay_s < 0 or self.corrupt_writes < 0:
+            raise UsageError("the greeting delay and corrupt_writes must not be negative")
         if self.xmodem_poll_s <= 0 or self.xmodem_timeout_s <= 0:
             raise UsageError("XMODEM poll and timeout must be positive")
 
@@ -406,6 +425,8 @@ class _BootSession:
     md_length: int = 0x40
     md_size: int = 4
     rc: int = 0
+    #: ``sf probe`` ran (the other ``sf`` commands need it).
+    sf_probed: bool = False
 
 
 class UBootFace:
@@ -428,6 +449,8 @@ class UBootFace:
         self._skip_lf = False
         self._s = _BootSession()
         self._term: Terminal | None = None
+        self._corrupt_left = self.config.corrupt_writes
+        self._mtd = MtdCommands(self)
         self._commands = self._command_table()
 
     # -- serving ------------------------------------------------------------------------
@@ -441,6 +464,8 @@ class UBootFace:
         try:
             self._term = term
             self._skip_lf = False
+            if self.config.greeting_delay_s:
+                time.sleep(self.config.greeting_delay_s)
             self._loop(term)
         except _Closed:
             pass
@@ -572,12 +597,20 @@ class UBootFace:
         cfg = self.device.config
         mib = cfg.geometry.size_bytes // (1024 * 1024)
         env_line = "OK\n" if env_ok else "*** Warning - bad CRC, using default environment\n\n"
+        kind = cfg.geometry.type
+        if kind == "spi-nor":
+            # The environment driver probes the chip, which prints its line.
+            flash, source = "", f"SPIFlash... {self._mtd.sf_detected_line()}\n"
+        elif kind == "nand":
+            flash, source = f"NAND:  {mib} MiB\n", "NAND... "
+        else:
+            flash, source = f"Flash: {mib} MiB\n", "Flash... "
         return (
             f"\n\nU-Boot {self._s.version} ({BUILD_DATE})\n\n"
             f"Model: {cfg.model} rev {cfg.hw_revision}\n"
             f"DRAM:  {RAM_BYTES // (1024 * 1024)} MiB\n"
-            f"Flash: {mib} MiB\n"
-            f"Loading Environment from Flash... {env_line}"
+            f"{flash}"
+            f"Loading Environment from {source}{env_line}"
             "In:    serial\nOut:   serial\nErr:   serial\n"
             "Net:   eth0: sim-eth\n"
         )
@@ -597,9 +630,8 @@ class UBootFace:
 
     def _runtime_env(self) -> dict[str, str]:
         cfg = self.device.config
-        parts = ",".join(
-            f"{r.size // 1024}k({r.name}){'ro' if r.critical else ''}" for r in cfg.regions
-        )
+        parts = [Part(r.name, r.offset, r.size, r.critical) for r in cfg.regions]
+        dev, mtd_id = MTD_NAMES.get(cfg.geometry.type, ("nor0", "sim-nor.0"))
         env = {
             "arch": "arm",
             "cpu": "armv7",
@@ -613,8 +645,8 @@ class UBootFace:
             "stdin": "serial",
             "stdout": "serial",
             "stderr": "serial",
-            "mtdids": "nor0=sim-nor.0",
-            "mtdparts": f"mtdparts=sim-nor.0:{parts}",
+            "mtdids": f"{dev}={mtd_id}",
+            "mtdparts": mtdparts_text(mtd_id, parts),
         }
         cal = cfg.find_region("calibration")
         if cal is not None:
@@ -625,6 +657,8 @@ class UBootFace:
 
     def _default_protection(self) -> list[bool]:
         cfg = self.device.config
+        if not self._cfi:
+            return []
         eb = cfg.geometry.erase_block_bytes
         flags = [False] * cfg.geometry.blocks
         for r in cfg.regions:
@@ -808,15 +842,39 @@ class UBootFace:
             ("setenv", "set environment variables", _SETENV_USAGE, False, self._setenv),
             ("tftpboot", "load file via network using TFTP protocol",
              "[loadAddress] [[hostIPaddr:]bootfilename]", True, self._tftpboot),
+            ("tftpput", "TFTP put command, for uploading files to a server",
+             "Address Size [[hostIPaddr:]filename]", True, self._tftpput),
             ("true", "do nothing, successfully", "", True, lambda a, s, r: 0),
             ("version", "print monitor, compiler and linker version", "", True, self._version),
         ]  # fmt: skip
+        kind = self.device.config.geometry.type
+        if kind == "spi-nor":
+            table.append(("sf", "SPI flash sub-system", SF_USAGE, True, self._mtd.sf))
+        if kind == "nand":
+            table.append(("nand", "NAND sub-system", NAND_USAGE, True, self._mtd.nand))
+        if kind in ("spi-nor", "nand"):
+            table.append(("mtd", "MTD utils", MTD_USAGE, True, self._mtd.mtd))
         return {name: _Command(name, summ, use, rep, fn) for name, summ, use, rep, fn in table}
 
     # -- memory ---------------------------------------------------------------------------
 
+    @property
+    def _cfi(self) -> bool:
+        """The flash is a CFI NOR bank in the CPU's address space (SPI NOR and NAND are not)."""
+        return self.device.config.geometry.type == "nor"
+
     def _flash_size(self) -> int:
-        return self.device.config.geometry.size_bytes
+        """Bytes of CFI flash at FLASH_BASE (0 when the chip is not memory mapped)."""
+        return self.device.config.geometry.size_bytes if self._cfi else 0
+
+    def _corrupt(self, data: bytes) -> bytes:
+        """What a flash write stores: ``data``, or ``data`` with one bit flipped while the
+        ``corrupt_writes`` fault lasts."""
+        if self._corrupt_left <= 0 or not data:
+            return data
+        self._corrupt_left -= 1
+        log.info("sim %s console: corrupting a flash write", self.device.name)
+        return flip_one_bit(data)
 
     def _in_flash(self, address: int, length: int = 1) -> bool:
         return address >= FLASH_BASE and address + length <= FLASH_BASE + self._flash_size()
@@ -974,18 +1032,39 @@ class UBootFace:
         valid = [(d[0], off) for d, off in found if d is not None]
         seq, newest = max(valid) if valid else (0, copies[1])
         target = copies[0] if newest == copies[1] else copies[1]
-        self._say("Saving Environment to Flash... ")
+        where = {"spi-nor": "SPIFlash", "nand": "NAND"}.get(cfg.geometry.type, "Flash")
+        self._say(f"Saving Environment to {where}... ")
         try:
-            blob = encode_env(seq + 1, self._s.env, eb)
+            blob = pad_to_page(cfg.geometry, encode_env(seq + 1, self._s.env, eb))
         except DeviceError:
             self._say("Failed (1)\n")
             return 1
+        if not self._cfi:
+            return self._saveenv_mtd(target, blob, redundant=target == copies[1])
         self._say("Un-Protected 1 sectors\nErasing Flash...\n")
         self.device.erase(target, eb)
         self._say(". done\nErased 1 sectors\nWriting to Flash... ")
         self.device.program(target, blob)
         self._say("done\nProtected 1 sectors\nOK\n")
         self._s.protected[(target - FLASH_BASE) // eb] = True
+        return 0
+
+    def _saveenv_mtd(self, target: int, blob: bytes, *, redundant: bool) -> int:
+        """``saveenv`` of the SPI flash and NAND environment drivers (their messages)."""
+        eb = self.device.config.geometry.erase_block_bytes
+        if self.device.config.geometry.type == "spi-nor":
+            self._say("Erasing SPI flash...")
+            self.device.erase(target, eb)
+            self._say("Writing to SPI flash...")
+            self.device.program(target, blob)
+            self._say(f"done\nValid environment: {2 if redundant else 1}\nOK\n")
+            return 0
+        name = "redundant NAND" if redundant else "NAND"
+        self._say(f"Erasing {name}...\n")
+        self.device.erase(target, eb)
+        self._say(f"\rErasing at 0x{target:x} -- 100% complete.\nWriting to {name}... ")
+        self.device.program(target, blob)
+        self._say("OK\nOK\n")
         return 0
 
     # -- commands: restarting --------------------------------------------------------------
@@ -1062,6 +1141,7 @@ class UBootFace:
     def _flash_write(self, offset: int, data: bytes) -> str | None:
         """Program ``data`` at flash ``offset`` as U-Boot's CFI driver does; an error text."""
         eb = self.device.config.geometry.erase_block_bytes
+        data = self._corrupt(data)
         if offset + len(data) > self._flash_size():
             return "Outside available Flash"
         first, last = offset // eb, (offset + len(data) - 1) // eb
@@ -1156,7 +1236,7 @@ class UBootFace:
 
     def _bank_sectors(self, args: list[str]) -> tuple[int, int, str] | int:
         """``all``, ``bank N`` and ``N:SF[-SL]`` forms: (first, last, description) or an rc."""
-        blocks = self.device.config.geometry.blocks
+        blocks = self.device.config.geometry.blocks if self._cfi else 0
         if args[0] == "all" and len(args) == 1:
             return 0, blocks - 1, "bank"
         if args[0] == "bank" and len(args) == 2:
@@ -1179,6 +1259,9 @@ class UBootFace:
         if args and parse_hex(args[0]) != 1:
             self._say("Only FLASH Banks # 1 ... # 1 supported\n")
             return 1
+        if not self._cfi:
+            self._say("\nBank # 1: missing or unknown FLASH type\n")
+            return 0
         geo = self.device.config.geometry
         eb = geo.erase_block_bytes
         out = [
@@ -1220,6 +1303,8 @@ class UBootFace:
         if isinstance(form, int):
             return form
         first, last, kind = form
+        if not self._cfi:
+            return 0  # U-Boot passes over banks of unknown type silently
         for i in range(first, last + 1):
             self._s.protected[i] = on
         verb = "Protect" if on else "Un-Protect"
@@ -1243,6 +1328,9 @@ class UBootFace:
         if isinstance(form, int):
             return form
         first, last, kind = form
+        if not self._cfi:
+            self._say("Erase Flash Bank # 1 Can't erase unknown flash type - aborted\n")
+            return 1
         if kind == "bank":
             self._say("Erase Flash Bank # 1 ")
         else:
@@ -1354,6 +1442,49 @@ class UBootFace:
             f"Filename '{name}'.\nLoad address: 0x{address:x}\nLoading: *\x08"
         )
         total = client.fetch(name, address)
+        if total is None:
+            return 1
+        env["filesize"] = f"{total:x}"
+        env["fileaddr"] = f"{address:x}"
+        return 0
+
+    def _tftpput(self, args: list[str], size: int | None, repeat: bool) -> int:
+        """``tftpput ADDR SIZE [[HOST:]NAME]``: send memory to a TFTP server (a WRQ)."""
+        env = self._s.env
+        if len(args) not in (2, 3) or not (is_hex(args[0]) and is_hex(args[1])):
+            if len(args) in (2, 3):
+                self._say("Invalid address/size\n")
+            return _USAGE
+        address, length = parse_hex(args[0]), parse_hex(args[1])
+        name = args[2] if len(args) == 3 else ""
+        server = env.get("serverip", "")
+        if ":" in name:
+            server, name = name.split(":", 1)
+        if not server:
+            self._say("*** ERROR: `serverip' not set\n")
+            return 1
+        ip = env.get("ipaddr", "")
+        if not ip:
+            self._say("*** ERROR: `ipaddr' not set\n")
+            return 1
+        if not name:
+            name = "".join(f"{int(p):02X}" for p in ip.split(".") if p.isdigit()) + ".img"
+            self._say(f"*** Warning: no boot file name; using '{name}'\n")
+        client = _TftpClient(
+            self,
+            server=server,
+            port=_int(env.get("tftpdstp"), 69),
+            blksize=_int(env.get("tftpblocksize"), 1468),
+            windowsize=1,
+            timeout_s=_int(env.get("tftptimeout"), 5000) / 1000,
+            retries=_int(env.get("tftptimeoutcountmax"), 10),
+        )
+        self._say(
+            f"Using sim-eth device\nTFTP to server {server}; our IP address is {ip}\n"
+            f"Filename '{name}'.\nSave address: 0x{address:x}\nSave size:    0x{length:x}\n"
+            "Saving: *\x08"
+        )
+        total = client.put(name, self._read_mem(address, length))
         if total is None:
             return 1
         env["filesize"] = f"{total:x}"
@@ -1497,7 +1628,8 @@ _HASHES_PER_LINE = 65
 
 
 class _TftpClient:
-    """U-Boot's TFTP client (RRQ with blksize and windowsize options), with its output."""
+    """U-Boot's TFTP client, with its output: ``tftpboot`` (RRQ with blksize and windowsize
+    options) and ``tftpput`` (WRQ with timeout and blksize, one block at a time)."""
 
     def __init__(
         self,
@@ -1527,17 +1659,92 @@ class _TftpClient:
 
     def fetch(self, name: str, address: int) -> int | None:
         """Bytes loaded to ``address``; None after printing U-Boot's error."""
-        say = self.face._say
+        return self._with_socket(lambda sock, dest: self._transfer(sock, dest, name, address))
+
+    def put(self, name: str, data: bytes) -> int | None:
+        """Send ``data`` as ``name`` (a WRQ); bytes sent, or None after printing the error."""
+        return self._with_socket(lambda sock, dest: self._send(sock, dest, name, data))
+
+    def _with_socket(
+        self, run: Callable[[socket.socket, tuple[object, ...]], int | None]
+    ) -> int | None:
         try:
             addr = socket.getaddrinfo(self.server, self.port, type=socket.SOCK_DGRAM)[0]
         except (OSError, UnicodeError):
-            say(f"\n*** ERROR: cannot reach '{self.server}'\n")
+            self.face._say(f"\n*** ERROR: cannot reach '{self.server}'\n")
             return None
         sock = socket.socket(addr[0], socket.SOCK_DGRAM)
         try:
-            return self._transfer(sock, addr[4], name, address)
+            return run(sock, addr[4])
         finally:
             sock.close()
+
+    def _error(self, packet: bytes) -> None:
+        code = int.from_bytes(packet[2:4], "big")
+        text = packet[4:].split(b"\0", 1)[0].decode("utf-8", "replace")
+        self.face._say(f"\nTFTP error: '{text}' ({code})\nNot retrying...\n")
+
+    def _send(
+        self, sock: socket.socket, dest: tuple[object, ...], name: str, data: bytes
+    ) -> int | None:
+        """U-Boot's put: WRQ with timeout and blksize options; then one block at a time, each
+        sent again after a timeout, until the short (possibly empty) last block is ACKed."""
+        say = self.face._say
+        timeout_opt = max(1, int(self.timeout_s))
+        options = (
+            b"timeout\0" + str(timeout_opt).encode() + b"\0"
+            + b"blksize\0" + str(self.blksize).encode() + b"\0"
+        )  # fmt: skip
+        last = struct.pack(">H", 2) + name.encode() + b"\0octet\0" + options
+        sock.sendto(last, dest)
+        peer: tuple[object, ...] | None = None
+        blksize = 512
+        block = 0  # the block whose ACK we wait for (0: the WRQ's)
+        timeouts = 0
+        started = time.monotonic()
+        while True:
+            if self.face._boot_changed():
+                raise _BootChanged
+            ready, _, _ = select.select([sock], [], [], self.timeout_s)
+            if not ready:
+                timeouts += 1
+                if timeouts > self.retries:
+                    say("\nRetry count exceeded; starting again\n")
+                    return None
+                say("T ")
+                sock.sendto(last, peer or dest)
+                continue
+            try:
+                packet, source = sock.recvfrom(65536 + 4)
+            except OSError as e:
+                say(f"\nTFTP error: {e.strerror or e}\n")
+                return None
+            if peer is None:
+                peer = source
+            elif source != peer:
+                continue
+            op = int.from_bytes(packet[:2], "big")
+            if op == 5:
+                self._error(packet)
+                return None
+            if op == 6 and block == 0:
+                opts = packet[2:].split(b"\0")
+                pairs = dict(zip(opts[0::2], opts[1::2], strict=False))
+                blksize = _int(pairs.get(b"blksize", b"512").decode(), 512)
+            elif op != 4 or len(packet) < 4 or int.from_bytes(packet[2:4], "big") != block & 0xFFFF:
+                continue  # a duplicate or stray ACK: wait for the one expected
+            timeouts = 0
+            pos = block * blksize
+            if block and len(last) - 4 < blksize:
+                elapsed = max(time.monotonic() - started, 1e-6)
+                rate = size_text(int(len(data) / elapsed))
+                say(f"\n\t {rate}/s\ndone\nBytes transferred = {len(data)} ({len(data):x} hex)\n")
+                return len(data)
+            block += 1
+            if (block - 1) % 10 == 0:
+                self._hash()
+            last = struct.pack(">HH", 3, block & 0xFFFF) + data[pos : pos + blksize]
+            sock.sendto(last, peer)
 
     def _transfer(
         self, sock: socket.socket, dest: tuple[object, ...], name: str, address: int
