@@ -216,7 +216,11 @@ def test_window_restarts_after_the_block_the_receiver_acknowledges(
     raw.send(encode(Ack(2)), peer)  # "3 and 4 were lost"
     again = [decode(raw.recv()[0]) for _ in range(4)]
     assert [p.block for p in again] == [3, 4, 5, 6]  # type: ignore[union-attr]
-    raw.send(encode(Ack(2)), peer)  # a stale duplicate: ignored
+    raw.send(encode(Ack(2)), peer)  # "3 was lost again": the window once more, at once
+    again = [decode(raw.recv()[0]) for _ in range(4)]
+    assert [p.block for p in again] == [3, 4, 5, 6]  # type: ignore[union-attr]
+    raw.send(encode(Ack(2)), peer)  # a duplicate of that request: ignored
+    raw.send(encode(Ack(2)), peer)
     assert raw.recv_all(0.3) == []
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.uboot.ethnet import GuestNet
+
 UBOOT_DIR = Path("/usr/lib/u-boot")
 NOR_BYTES = 64 * 1024 * 1024
 #: U-Boot's environment on QEMU virt: first 256 KiB of flash bank 2 (CONFIG_ENV_SIZE).
@@ -237,8 +239,14 @@ class QemuUBoot:
     nvme: Path | None = None
     nor: Path | None = None
     memory_mib: int = 512
+    #: Give the guest a NIC wired to :class:`~tests.uboot.ethnet.GuestNet` (UDP port 69 of
+    #: its host goes to ``tftp_port`` on 127.0.0.1).
+    network: bool = False
+    tftp_port: int = 69
+    net_loss: float = 0.0
     proc: subprocess.Popen[bytes] | None = None
     relay: Relay | None = None
+    net: GuestNet | None = None
     _sockdir: Path | None = None
     argv: list[str] = field(default_factory=list)
 
@@ -260,8 +268,7 @@ class QemuUBoot:
             "none",
             "-monitor",
             "none",
-            "-nic",
-            "none",
+            *(self.net.qemu_args() if self.net is not None else ["-nic", "none"]),
             "-bios",
             str(UBOOT_DIR / build / "u-boot.bin"),
             "-serial",
@@ -289,6 +296,8 @@ class QemuUBoot:
         # Unix socket paths are limited to 108 bytes: keep them short, outside tmp_path.
         self._sockdir = Path(tempfile.mkdtemp(prefix="ubq", dir="/tmp"))
         console = self._sockdir / "con"
+        if self.network:
+            self.net = GuestNet(self._sockdir, port_map={69: self.tftp_port}, loss=self.net_loss)
         self.argv = self.command(console)
         log = open(self.workdir / f"qemu-{self.arch}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -322,6 +331,8 @@ class QemuUBoot:
                 rc = self.proc.wait(5)
         if self.relay is not None:
             self.relay.close()
+        if self.net is not None:
+            self.net.close()
         if self._sockdir is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
         return rc
@@ -351,6 +362,9 @@ def qemu_uboot(
     nvme: bool = False,
     nor_env: Mapping[str, str] | None = None,
     disk_bytes: int = 64 * 1024 * 1024,
+    network: bool = False,
+    tftp_port: int = 69,
+    net_loss: float = 0.0,
 ) -> Iterator[QemuUBoot]:
     """Start a machine with blank disk(s) and a blank NOR bank in ``workdir``."""
     need_qemu(arch)
@@ -360,6 +374,9 @@ def qemu_uboot(
         disk=make_disk(workdir / "disk.img", disk_bytes) if disk else None,
         nvme=make_disk(workdir / "nvme.img", disk_bytes) if nvme else None,
         nor=make_nor(workdir / "nor.img", nor_env),
+        network=network,
+        tftp_port=tftp_port,
+        net_loss=net_loss,
     )
     with machine:
         yield machine

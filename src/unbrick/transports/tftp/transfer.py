@@ -625,6 +625,7 @@ def _send_stream(
 
     fill()
     send_window(queue[:windowsize])
+    nacked = 0
     inflight = min(windowsize, len(queue))
     last_in_flight[0] = eof and inflight == len(queue)
     wait = timing.timeout_s
@@ -660,7 +661,17 @@ def _send_stream(
                 if on_progress is not None:
                     on_progress(total)
                 continue
-            # A duplicate or stale ACK is never answered (the Sorcerer's Apprentice bug).
+            if acked == 0 and nacked != base:
+                # An ACK of the block before the window: the peer lost the window's first
+                # block and asks for it again (RFC 7440 section 4; U-Boot sends one at once
+                # rather than after its timeout). Resend the window, once per window: later
+                # such ACKs are duplicates, and duplicates are never answered (the Sorcerer's
+                # Apprentice bug); the timeout covers a resent window that is lost too.
+                nacked = base
+                send_window(queue[:inflight])
+                counters.retransmits += inflight
+                deadline = monotonic() + wait
+                continue
         elif n >= 4 and buf[1] == _ERROR and buf[0] == 0:
             raise remote_error(bytes(ch.view[:n]), ch.peer)
         elif n > 0:

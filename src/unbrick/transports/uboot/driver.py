@@ -16,14 +16,17 @@ driver maps them with a :class:`StorageMap` of windows:
 So ``firmware`` at 0x100000 is 1 MiB into the virtio disk and ``nor-firmware`` at 0x04040000 is
 the NOR bank at that CPU address. Addresses outside every window are refused.
 
-Data path. Writes go host -> RAM by ``loadx`` (XMODEM-1K; ``loady`` when XMODEM would mangle
-the data, see :func:`unbrick.transports.xymodem.uboot_loadx_image`), are checked in RAM with
-``crc32``, then go RAM -> storage: ``<if> write`` of whole blocks (partial blocks are read,
+Data path. Writes go host -> RAM by ``tftpboot`` from a TFTP server of the session's own when
+the address gives ``serverip=`` (:mod:`unbrick.transports.uboot.netxfer`; a failing network
+hands over to the serial line), else by ``loadx`` (XMODEM-1K; ``loady`` when XMODEM would
+mangle the data, see :func:`unbrick.transports.xymodem.uboot_loadx_image`), are checked in RAM
+with ``crc32``, then go RAM -> storage: ``<if> write`` of whole blocks (partial blocks are read,
 patched and written back), or for NOR ``cp.b`` followed by ``cmp.b``; a NOR write that does not
 compare equal is programmed again word by word with raw CFI commands (QEMU 7.2's pflash keeps
 only the first 4 KiB of each sector of a buffered write), and compared again. Reads are
-``md`` dumps parsed and cross-checked with ``crc32``; ranges that ``cmp`` shows to be all 0xFF
-or all 0x00 are not dumped.
+``tftpput`` uploads where U-Boot has the command and a network is configured, else ``md``
+dumps parsed; both are cross-checked with ``crc32``; ranges that ``cmp`` shows to be all 0xFF
+or all 0x00 are not sent at all.
 
 Hashes. U-Boot has ``crc32`` (``md5sum``/``hash`` are often compiled out).
 ``device_hash(..., "crc32")`` is the device's own CRC-32. ``device_hash(..., "sha256")`` is
@@ -57,6 +60,7 @@ from unbrick.transports.uboot.console import (
     ConsoleState,
     PortLink,
 )
+from unbrick.transports.uboot.netxfer import NetConfig, SessionServer, parse_tftp_transfer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ HW_REVISION_VARS = ("board_rev", "board_revision", "hw_rev", "hwrev", "hw_revisi
 REGION_VARS = ("region", "country", "country_code", "regioncode")
 _BANNER = re.compile(rb"U-Boot(?: SPL)? 20\d\d\.\d\d")
 _FIRMWARE_MODES = ("auto", "uboot", "os")
-_TRANSFERS = ("auto", "loadx", "loady")
+_TRANSFERS = ("auto", "tftp", "loadx", "loady")
 #: Shell variables the NOR word-program loop uses (removed afterwards).
 _LOOP_VARS = ("ubk_a", "ubk_d", "ubk_e", "ubk_v")
 
@@ -110,8 +114,11 @@ class UBootOptions:
     boot_bank: bool = False
     #: Bytes per word of the word-program loop; None: the port width ``flinfo`` reports.
     nor_word_bytes: int | None = None
-    #: "auto" (loadx, or loady when XMODEM would mangle the data), "loadx", "loady".
+    #: "auto" (tftp when ``net`` is set and U-Boot has tftpboot, falling back to the serial
+    #: line; loadx, or loady when XMODEM would mangle the data), "tftp", "loadx", "loady".
     transfer: str = "auto"
+    #: Where the device reaches this host's TFTP server (``?serverip=``); None: serial only.
+    net: NetConfig | None = None
     #: Start of the RAM the driver uses; None: ${loadaddr}, else DRAM start + 2 MiB.
     ram_base: int | None = None
     #: Silence that ends the capture of an operating system's boot (firmware "os").
@@ -142,8 +149,8 @@ class UBootOptions:
     @classmethod
     def from_address(cls, address: DeviceAddress, base: UBootOptions | None = None) -> UBootOptions:
         """Options from ``uboot+...?baud=&interrupt=&prompt=&block=&firmware=&nor_fallback=
-        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=&os_reboot=`` over
-        ``base``."""
+        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=&os_reboot=`` and the
+        network ones of :meth:`NetConfig.from_address` over ``base``."""
         opts = base or cls()
         console = opts.console
         interrupt = address.param("interrupt")
@@ -176,6 +183,7 @@ class UBootOptions:
             transfer=address.param("transfer", opts.transfer) or opts.transfer,
             ram_base=address.int_param("ram", 0) if ram else opts.ram_base,
             os_reboot=address.param("os_reboot", opts.os_reboot) or "",
+            net=NetConfig.from_address(address) or opts.net,
             max_transfer=address.int_param("max_transfer", opts.max_transfer),
         )
 
@@ -513,6 +521,11 @@ class DriverStats:
     bytes_loaded: int = 0
     dumps: int = 0
     bytes_dumped: int = 0
+    #: Pieces that went by TFTP (tftpboot to RAM, tftpput from the device).
+    net_loads: int = 0
+    net_reads: int = 0
+    #: Why the network was given up for this session (the serial line took over).
+    net_failure: str = ""
     fill_hits: int = 0
     shadow_hits: int = 0
     #: Bytes not sent because the device already held them (blank ranges).
@@ -567,10 +580,16 @@ class UBootDriver:
         self._fills_ready = False
         self._byteorder: str | None = None
         self._scanned: set[str] = set()
+        self._net: SessionServer | None = None
+        #: The server port the device's environment was set up for (lost at every reset).
+        self._net_env_port: int | None = None
 
     # -- session ----------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._net is not None:
+            self._net.close()
+            self._net = None
         self.console.close()
         if self._closer is not None:
             self._closer()
@@ -907,6 +926,13 @@ class UBootDriver:
         if fill is not None:
             self.stats.fill_hits += 1
             return bytes([fill]) * length
+        if self._net_usable("tftpput"):
+            try:
+                return self._tftp_dump(address, length)
+            except TransportError as e:
+                self.stats.net_failure = e.message
+                self.console.abort_transfer()
+                log.warning("%s: tftpput failed (%s); reading by md dumps", self.address, e)
         return self._dump(address, length, ram=ram)
 
     def _remember(self, offset: int, data: bytes) -> None:
@@ -1189,45 +1215,143 @@ class UBootDriver:
 
     def load(self, data: bytes, address: int | None = None) -> int:
         """Send ``data`` to RAM (``address``, else the transfer buffer) and check it there
-        with ``crc32``; one retry. Returns the RAM address."""
-        from unbrick.transports.xymodem import uboot_loadx_image  # noqa: PLC0415
-
+        with ``crc32``; one retry per method. TFTP that fails hands over to the serial line
+        for the rest of the session. Returns the RAM address."""
         addr = self.ram.transfer if address is None else address
         if not data:
             raise UsageError("nothing to send")
         if address is None and len(data) > self.max_transfer:
             raise UsageError(f"{len(data)} bytes exceed the {self.max_transfer}-byte buffer")
+        methods = self._load_methods(data)
+        for i, method in enumerate(methods):
+            try:
+                self._load_with(method, addr, data)
+            except TransportError as e:
+                if method != "tftp" or i + 1 == len(methods):
+                    raise
+                self.stats.net_failure = e.message
+                log.warning(
+                    "%s: TFTP failed (%s); using %s from now on", self.address, e, methods[i + 1]
+                )
+                continue
+            return addr
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _serial_method(self, data: bytes) -> str:
+        from unbrick.transports.xymodem import uboot_loadx_image  # noqa: PLC0415
+
+        method = "loadx" if "loadx" in self.probe.commands else "loady"
+        if method == "loadx" and uboot_loadx_image(data) != data:
+            method = "loady" if "loady" in self.probe.commands else "loadx"
+        return method
+
+    def _net_usable(self, command: str) -> bool:
+        return (
+            self.options.net is not None
+            and not self.stats.net_failure
+            and command in self.probe.commands
+        )
+
+    def _load_methods(self, data: bytes) -> list[str]:
         method = self.options.transfer
-        if method == "auto":
-            method = "loadx" if "loadx" in self.probe.commands else "loady"
-            if method == "loadx" and uboot_loadx_image(data) != data:
-                method = "loady" if "loady" in self.probe.commands else "loadx"
+        if method == "tftp":
+            if self.options.net is None:
+                raise UsageError(
+                    "transfer=tftp needs serverip= (this host's address as the device reaches it)"
+                )
+            return ["tftp"]
+        if method != "auto":
+            return [method]
+        serial = self._serial_method(data)
+        return ["tftp", serial] if self._net_usable("tftpboot") else [serial]
+
+    def _load_with(self, method: str, addr: int, data: bytes) -> None:
         want = zlib.crc32(data)
         errors: list[UnbrickError] = []
         for attempt in range(2):
             try:
-                self._send(method, addr, data)
+                if method == "tftp":
+                    self._tftp_send(addr, data)
+                else:
+                    self._send(method, addr, data)
                 got = self._crc32(addr, len(data))
                 if got == want:
                     self.stats.loads += 1
                     self.stats.bytes_loaded += len(data)
-                    return addr
-                errors.append(
-                    TransportError(
-                        f"crc32 {got:08x} in RAM, {want:08x} sent",
-                    )
-                )
+                    if method == "tftp":
+                        self.stats.net_loads += 1
+                    return
+                errors.append(TransportError(f"crc32 {got:08x} in RAM, {want:08x} sent"))
             except TransportError as e:
                 errors.append(e)
                 self.console.abort_transfer()
             self.stats.load_retries += 1
             log.warning("transfer to RAM failed (attempt %d): %s", attempt + 1, errors[-1])
         first, again = errors[0].message, errors[-1].message
+        command = "tftpboot" if method == "tftp" else method
         raise TransportError(
-            f"'{method} 0x{addr:x}' of {len(data)} bytes failed twice: {first}"
+            f"'{command} 0x{addr:x}' of {len(data)} bytes failed twice: {first}"
             + ("" if again == first else f"; then: {again}"),
-            hint="check the cable and the baud rate; transfers are checked and safe to retry",
+            hint="check the cable and the baud rate; transfers are checked and safe to retry"
+            if method != "tftp"
+            else "check the network cable, serverip/ipaddr and that port 69 is not firewalled",
         )
+
+    # -- TFTP -------------------------------------------------------------------------------
+
+    def _net_server(self) -> SessionServer:
+        """The session's TFTP server, started and announced to the device's environment."""
+        net = self.options.net
+        if net is None:
+            raise UsageError("no network configured (serverip=)")
+        if self._net is None:
+            self._net = SessionServer(net)
+        port = self._net.start()
+        if self._net_env_port != port:
+            pairs = net.env(port)
+            self._run("; ".join(f"setenv {k} {v}" for k, v in pairs), timeout_s=self._t())
+            if net.ipaddr is None:
+                env = P.parse_printenv(self._run("printenv ipaddr", check=False).output)
+                if not env.get("ipaddr"):
+                    raise TransportError(
+                        "the device has no ipaddr for TFTP",
+                        hint="give the device an address with ipaddr= in the device URI",
+                    )
+            self._net_env_port = port
+        return self._net
+
+    def _tftp_send(self, addr: int, data: bytes) -> None:
+        server = self._net_server()
+        name = server.offer(data)
+        try:
+            out = self._run(
+                f"tftpboot 0x{addr:x} {name}",
+                check=False,
+                timeout_s=self._t() + 30.0 + len(data) / (256 * KiB),
+            )
+        finally:
+            server.withdraw(name)
+        count = parse_tftp_transfer(out.output)
+        if count != len(data):
+            raise TransportError(f"tftpboot moved {count} bytes of {len(data)}")
+
+    def _tftp_dump(self, address: int, length: int) -> bytes:
+        """Bytes at a CPU address, sent by the device with ``tftpput`` and checked against
+        its ``crc32``."""
+        server = self._net_server()
+        want = self._crc32(address, length)
+        name = server.upload_name()
+        timeout = self._t() + 30.0 + length / (256 * KiB)
+        command = f"tftpput 0x{address:x} 0x{length:x} {name}"
+        out = self._run(command, check=False, timeout_s=timeout)
+        count = parse_tftp_transfer(out.output)
+        data = server.take(name, timeout_s=5.0)
+        if count != length or len(data) != length:
+            raise TransportError(f"tftpput sent {len(data)} bytes of {length}")
+        if zlib.crc32(data) != want:
+            raise TransportError(f"tftpput of 0x{address:x}+0x{length:x} does not match crc32")
+        self.stats.net_reads += 1
+        return data
 
     def _send(self, method: str, addr: int, data: bytes) -> None:
         from unbrick.transports.xymodem_io import send_xmodem, send_ymodem  # noqa: PLC0415
@@ -1276,6 +1400,7 @@ class UBootDriver:
         con.expect_boot()
         con.attach(timeout_s)
         self._fills_ready = False
+        self._net_env_port = None
 
     def reboot(self, timeout_s: float) -> BootReport:
         """``reset`` and watch the console. Firmware "uboot": U-Boot coming back (banner and
@@ -1287,6 +1412,7 @@ class UBootDriver:
         con.ensure_prompt()
         con.send_reset("reset")
         self._fills_ready = False
+        self._net_env_port = None
         prompt = re.escape(con.options.prompt)
         autoboot = con.options.autoboot_pattern
         if mode == "uboot":
