@@ -11,7 +11,10 @@ driver maps them with a :class:`StorageMap` of windows:
 - each CFI NOR bank that ``flinfo`` lists away from address 0 is a window at its CPU address
   (bank 2 of QEMU's ``virt`` machine: 0x04000000, 32 MiB as U-Boot sees it);
 - the first block device (``virtio``, else ``nvme``, ``mmc``, ``usb``, ``scsi``; or the one
-  named by ``?block=nvme:0``) is a window at address 0, cut at the lowest NOR window.
+  named by ``?block=nvme:0``) is a window at address 0, cut at the lowest NOR window;
+- a SPI NOR chip (``sf probe``) or a raw NAND chip (``nand info``) takes address 0 instead when
+  no CFI bank is mapped there and no ``?block=`` is asked for (:mod:`.mtd`: NAND offsets skip
+  bad blocks per partition, as ``nand write`` does).
 
 So ``firmware`` at 0x100000 is 1 MiB into the virtio disk and ``nor-firmware`` at 0x04040000 is
 the NOR bank at that CPU address. Addresses outside every window are refused.
@@ -50,6 +53,7 @@ from unbrick.errors import DeviceError, TransportError, UnbrickError, UsageError
 from unbrick.model.identity import DeviceIdentity, StorageInfo
 from unbrick.model.uri import DeviceAddress
 from unbrick.transports.base import BootReport, Capability
+from unbrick.transports.uboot import mtd as M
 from unbrick.transports.uboot import parse as P
 from unbrick.transports.uboot.console import (
     CTRL_C,
@@ -229,13 +233,13 @@ class Window:
 
     start: int
     size: int
-    #: "block" or "nor".
+    #: "block", "nor", "sf" (SPI NOR) or "nand".
     kind: str
     #: "virtio:0", "nor:0x04000000".
     name: str
     #: block: byte offset on the disk of ``start``; nor: CPU address of ``start``.
     base: int
-    #: block: bytes per block; nor: bytes per sector.
+    #: block: bytes per block; nor: bytes per sector; sf, nand: bytes per erase block.
     unit: int
     interface: str = ""
     index: int = 0
@@ -285,9 +289,11 @@ def default_map(
     preferred: str | None = None,
     *,
     boot_bank: bool = False,
+    flash: M.MtdFlash | None = None,
 ) -> StorageMap:
     """The default address map (see the module's docstring); ``boot_bank`` maps a NOR bank at
-    address 0 too (the disk then gets no window)."""
+    address 0 too (the disk then gets no window); ``flash`` (SPI NOR or NAND) goes at 0 when
+    nothing else is there and no block device was asked for."""
     windows: list[Window] = []
     for bank in banks:
         if bank.base == 0 and not boot_bank:
@@ -305,6 +311,13 @@ def default_map(
                 index=bank.number,
             )
         )
+    if flash is not None and preferred is None and not any(w.start == 0 for w in windows):
+        # The SPI NOR or NAND chip the board boots from; block devices are then left out.
+        limit = min((w.start for w in windows), default=flash.size_bytes)
+        windows.append(
+            Window(0, min(flash.size_bytes, limit), flash.kind, flash.name, 0, flash.erase_bytes)
+        )
+        blocks = ()
     chosen: P.BlockDevice | None = None
     if preferred is not None:
         iface, index = _parse_block_name(preferred)
@@ -510,6 +523,8 @@ class Probe:
     banks: tuple[P.FlashBank, ...]
     blocks: tuple[P.BlockDevice, ...]
     mtd: tuple[P.MtdDevice, ...]
+    #: The SPI NOR or NAND chip (``sf probe``, ``nand info``), if any.
+    flash: M.MtdFlash | None = None
 
 
 @dataclass
@@ -534,6 +549,8 @@ class DriverStats:
     nor_mismatches: list[tuple[int, int]] = field(default_factory=list)
     #: NOR ranges programmed word by word, and whether they then compared equal.
     nor_fallbacks: list[tuple[int, int, bool]] = field(default_factory=list)
+    #: SPI NOR/NAND writes retried in small pieces: (device offset, length, verified then).
+    mtd_retries: list[tuple[int, int, bool]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,7 +643,11 @@ class UBootDriver:
         if self._map is None:
             p = self.probe
             self._map = default_map(
-                p.blocks, p.banks, self.options.block, boot_bank=self.options.boot_bank
+                p.blocks,
+                p.banks,
+                self.options.block,
+                boot_bank=self.options.boot_bank,
+                flash=p.flash,
             )
         return self._map
 
@@ -666,7 +687,9 @@ class UBootDriver:
         mtd: tuple[P.MtdDevice, ...] = ()
         if "mtd" in commands:
             mtd = P.parse_mtd_list(self._run("mtd list", check=False).output)
-        return Probe(version, board, env, commands, banks, tuple(blocks), mtd)
+        scratch = board.dram[0][0] if board.dram else 0
+        flash = M.probe_flash(self._run, commands, env, mtd, scratch)
+        return Probe(version, board, env, commands, banks, tuple(blocks), mtd, flash)
 
     def _scan(self, iface: str) -> None:
         if iface in self._scanned:
@@ -744,14 +767,20 @@ class UBootDriver:
             )
         if probe.mtd:
             extra["mtd"] = " ".join(m.name for m in probe.mtd)
+        if probe.flash is not None:
+            extra["mtd_flash"] = probe.flash.describe()
         storage = None
         if smap.windows:
-            kind = "block" if any(w.kind == "block" for w in smap.windows) else "nor"
+            kinds = {w.kind for w in smap.windows}
+            kind = next((k for k in ("block", "nand", "sf") if k in kinds), "nor")
+            page = max((w.unit for w in smap.windows if w.kind == "block"), default=1)
+            if kind == "nand" and probe.flash is not None:
+                page = probe.flash.page_bytes
             storage = StorageInfo(
-                type=kind,
+                type=M.window_storage_type(kind),
                 size_bytes=smap.size_bytes,
                 erase_block_bytes=max(w.unit for w in smap.windows),
-                page_bytes=max((w.unit for w in smap.windows if w.kind == "block"), default=1),
+                page_bytes=page,
             )
         return DeviceIdentity(
             model=model,
@@ -916,6 +945,9 @@ class UBootDriver:
         return bytes(out)
 
     def _read_piece(self, win: Window, offset: int, length: int) -> bytes:
+        if win.kind in M.MTD_KINDS:
+            addr = self._mtd().stage(win.base + offset, length)
+            return self._dump_chunk(addr, length, ram=True)
         if win.kind == "block":
             addr, _ = self._block_read(win, offset, length)
             return self._dump_chunk(addr, length, ram=True)
@@ -952,7 +984,7 @@ class UBootDriver:
         digest = hashlib.sha256()
         crc = 0
         for win, off, n in self.storage_map.split(offset, length):
-            step = self.ram.stage_bytes - win.unit if win.kind == "block" else n
+            step = self.ram.stage_bytes - win.unit if win.kind != "nor" else n
             for pos in range(0, n, step):
                 k = min(step, n - pos)
                 start = win.start + off + pos
@@ -974,6 +1006,8 @@ class UBootDriver:
         return f"{crc:08x}" if algorithm == "crc32" else digest.hexdigest()
 
     def _device_crc(self, win: Window, offset: int, length: int) -> int:
+        if win.kind in M.MTD_KINDS:
+            return self._mtd().crc32(win.base + offset, length)
         if win.kind == "block":
             addr, _ = self._block_read(win, offset, length)
             return self._crc32(addr, length)
@@ -986,6 +1020,10 @@ class UBootDriver:
         erase: the next program overwrites the blocks (their content is left as it was)."""
         for win, off, n in self.storage_map.split(offset, length):
             if win.kind == "block":
+                continue
+            if win.kind in M.MTD_KINDS:
+                self.shadow.drop(win.start + off, n)
+                self._mtd().erase(win.base + off, n)
                 continue
             start = win.base + off
             bank = self._bank(start)
@@ -1022,6 +1060,13 @@ class UBootDriver:
                 return bank
         raise UsageError(f"0x{address:x} is in no NOR bank")
 
+    def _mtd(self) -> M.MtdIO:
+        """The SPI NOR or NAND chip's data path (:mod:`.mtd`)."""
+        flash = self.probe.flash
+        if flash is None:
+            raise UsageError(f"{self.address}: no SPI NOR or NAND flash was found")
+        return M.MtdIO(self, flash, self.stats.mtd_retries)
+
     # -- FlashWrite -------------------------------------------------------------------------
 
     def program(self, offset: int, data: bytes) -> None:
@@ -1033,9 +1078,19 @@ class UBootDriver:
                 chunk = bytes(view[done + pos : done + pos + k])
                 if win.kind == "block":
                     self._program_block(win, off + pos, chunk)
+                elif win.kind in M.MTD_KINDS:
+                    self._program_mtd(win, off + pos, chunk)
                 else:
                     self._program_nor(win, off + pos, chunk)
             done += n
+
+    def _program_mtd(self, win: Window, offset: int, data: bytes) -> None:
+        """``sf write``/``nand write``, checked with crc32 and retried once (:mod:`.mtd`)."""
+        start = win.start + offset
+        self.shadow.drop(start, len(data))
+        if self._mtd().program(win.base + offset, data, start) == "skipped":
+            self.stats.skipped_bytes += len(data)
+        self._remember(start, data)
 
     def _already(self, win: Window, offset: int, data: bytes) -> int | None:
         """The fill byte when ``data`` is one byte repeated; the range is checked with

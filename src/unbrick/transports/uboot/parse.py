@@ -4,7 +4,8 @@ Every function takes the text a command printed (echo and prompt already removed
 ``\\r\\n`` or ``\\n``) and returns a frozen dataclass, or raises :class:`UBootParseError` (a
 TransportError: a garbled or unexpected answer is a fault of the link or the device, never a
 crash). Nothing here does I/O; the formats are those of U-Boot 2023.01 (``cmd/mem.c``,
-``cmd/bdinfo.c``, ``drivers/mtd/cfi_flash.c``, ``cmd/blk_common.c``, ``lib/display_options.c``)
+``cmd/bdinfo.c``, ``drivers/mtd/cfi_flash.c``, ``cmd/blk_common.c``, ``lib/display_options.c``,
+``cmd/sf.c``, ``cmd/nand.c``, ``drivers/mtd/nand/raw/nand_util.c``, ``cmd/mtdparts.c``)
 and are fuzzed in the tests.
 """
 
@@ -721,6 +722,295 @@ def split_status(text: str) -> tuple[str, int]:
     raise UBootParseError(f"the command's exit status is missing from {_short(text)!r}")
 
 
+# ---------------------------------------------------------------------------------------------
+# SPI NOR (sf), raw NAND (nand), mtdparts (cmd/sf.c, cmd/nand.c, nand_util.c, cmd/mtdparts.c)
+
+
+@dataclass(frozen=True)
+class SpiFlashInfo:
+    """``sf probe``: "SF: Detected w25q64cv with page size 256 Bytes, erase size 64 KiB,
+    total 8 MiB"."""
+
+    name: str
+    page_bytes: int
+    erase_bytes: int
+    size_bytes: int
+
+
+_SF_DETECTED = re.compile(
+    r"SF: Detected (\S+) with page size ([0-9.]+) ?([KMG]iB|Bytes|B), erase size ([0-9.]+) ?"
+    r"([KMG]iB|Bytes|B), total ([0-9.]+) ?([KMG]iB|Bytes|B)"
+)
+
+
+def parse_sf_probe(text: str) -> SpiFlashInfo:
+    for line in _lines(text):
+        m = _SF_DETECTED.search(line)
+        if m:
+            info = SpiFlashInfo(
+                name=m.group(1),
+                page_bytes=_size(m.group(2), m.group(3)),
+                erase_bytes=_size(m.group(4), m.group(5)),
+                size_bytes=_size(m.group(6), m.group(7)),
+            )
+            if not 0 < info.erase_bytes <= info.size_bytes or info.page_bytes <= 0:
+                raise UBootParseError(f"sf probe reported an impossible geometry: {_short(line)!r}")
+            return info
+    raise UBootParseError(f"no 'SF: Detected ...' in the answer {_short(text)!r}")
+
+
+@dataclass(frozen=True)
+class SfResult:
+    """``sf read|write|erase``: "SF: 65536 bytes @ 0x80000 Written: OK" (or "ERROR -22")."""
+
+    verb: str
+    length: int
+    offset: int
+    ok: bool
+    code: int | None = None
+
+
+_SF_RESULT = re.compile(
+    r"SF: (\d+) bytes @ (0x[0-9a-fA-F]+|0) (Read|Written|Erased): (OK|ERROR(?: (-?\d+))?)\s*$"
+)
+
+
+def parse_sf_result(text: str) -> SfResult:
+    for line in _lines(text):
+        m = _SF_RESULT.search(line)
+        if m:
+            return SfResult(
+                verb=m.group(3),
+                length=int(m.group(1)),
+                offset=int(m.group(2), 16),
+                ok=m.group(4) == "OK",
+                code=int(m.group(5)) if m.group(5) else None,
+            )
+    raise UBootParseError(f"no 'SF: N bytes @ ...' result in the answer {_short(text)!r}")
+
+
+@dataclass(frozen=True)
+class NandChipInfo:
+    """One device of ``nand info`` (``nand_print_and_set_info``)."""
+
+    device: int
+    name: str
+    erase_bytes: int
+    page_bytes: int
+    oob_bytes: int
+    chips: int = 1
+
+
+_NAND_DEVICE = re.compile(r"^Device (\d+): (?:(\d+)x )?(\S+), sector size (\d+) KiB\s*$")
+_NAND_FIELD = re.compile(r"^\s+(Page size|OOB size|Erase size)\s+(\d+) b\s*$")
+
+
+def parse_nand_info(text: str) -> tuple[NandChipInfo, ...]:
+    """Devices from ``nand info`` / ``nand device``; a device without its page and erase sizes
+    is a parse error (the answer was cut)."""
+    out: list[NandChipInfo] = []
+    current: dict[str, int] | None = None
+    head: tuple[int, str, int] | None = None
+
+    def close() -> None:
+        if head is None or current is None:
+            return
+        if "Page size" not in current or "Erase size" not in current:
+            raise UBootParseError(f"nand info of device {head[0]} lacks its page or erase size")
+        erase, page = current["Erase size"], current["Page size"]
+        if page <= 0 or erase <= 0 or erase % page:
+            raise UBootParseError(f"nand device {head[0]}: erase size {erase}, page size {page}")
+        out.append(NandChipInfo(head[0], head[1], erase, page, current.get("OOB size", 0), head[2]))
+
+    for line in _lines(text):
+        m = _NAND_DEVICE.match(line.strip())
+        if m:
+            close()
+            head = (int(m.group(1)), m.group(3), int(m.group(2) or 1))
+            current = {}
+            continue
+        f = _NAND_FIELD.match(line)
+        if f and current is not None:
+            current.setdefault(f.group(1), int(f.group(2)))
+    close()
+    return tuple(out)
+
+
+_BAD_LINE = re.compile(r"^\s+(?:0x)?([0-9a-fA-F]{8,16})\s*$")
+
+
+def parse_nand_bad(text: str) -> tuple[int, ...]:
+    """Offsets of bad blocks from ``nand bad`` ("  00500000") or ``mtd bad`` ("\t0x00500000"),
+    sorted; any other line after the header is a parse error."""
+    out: set[int] = set()
+    started = False
+    for line in _lines(text):
+        if re.match(r"^(?:Device \d+ bad blocks:|MTD device \S+ bad blocks list:)\s*$", line):
+            started = True
+            continue
+        if not line.strip():
+            continue
+        m = _BAD_LINE.match(line)
+        if m is None or not started:
+            raise UBootParseError(f"bad block list line {_short(line)!r} is not an offset")
+        out.add(int(m.group(1), 16))
+    if not started:
+        raise UBootParseError(f"no bad block list in the answer {_short(text)!r}")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class NandTransfer:
+    """``nand read|write``: the bytes U-Boot reports, whether it said OK, and the bad blocks it
+    skipped on the way ("Skip bad block 0x...", "Skipping bad block 0x...")."""
+
+    operation: str
+    length: int
+    ok: bool
+    skipped: tuple[int, ...] = ()
+    #: "NAND write to offset ... failed -5", "Attempt to ...", "Size of ... exceeds ...".
+    messages: tuple[str, ...] = ()
+
+
+_NAND_RW = re.compile(r"^ ?(\d+) bytes (read|written): (OK|ERROR)\s*$")
+_NAND_SKIP = re.compile(r"^Skip(?:ping)? bad block(?: at)? +0x([0-9a-fA-F]+)\b")
+_NAND_PROBLEM = re.compile(
+    r"^(?:NAND (?:write to|read from) offset .* failed.*|Attempt to .*|Size .*exceeds.*|"
+    r"Offset exceeds device limit|.*MTD Erase failure.*|.*MTD get bad block failed.*|"
+    r"no devices available|partition .* not found)$"
+)
+
+
+def parse_nand_rw(text: str) -> NandTransfer:
+    skipped: list[int] = []
+    messages: list[str] = []
+    for raw in _lines(text):
+        line = raw.strip("\r")
+        s = line.strip()
+        m = _NAND_SKIP.match(s)
+        if m:
+            skipped.append(int(m.group(1), 16))
+            continue
+        if _NAND_PROBLEM.match(s):
+            messages.append(s)
+            continue
+        r = _NAND_RW.match(line)
+        if r:
+            return NandTransfer(
+                operation="write" if r.group(2) == "written" else "read",
+                length=int(r.group(1)),
+                ok=r.group(3) == "OK",
+                skipped=tuple(skipped),
+                messages=tuple(messages),
+            )
+    if messages:
+        return NandTransfer("", 0, False, tuple(skipped), tuple(messages))
+    raise UBootParseError(f"no 'N bytes read|written' in the answer {_short(text)!r}")
+
+
+@dataclass(frozen=True)
+class NandErase:
+    """``nand erase``: OK or ERROR, the bad blocks skipped, the blocks that failed to erase
+    (U-Boot reports those and still says OK), and the last block it reported erasing."""
+
+    ok: bool
+    skipped: tuple[int, ...]
+    failures: int
+    last_erased: int | None
+
+
+_ERASING_AT = re.compile(r"Erasing at 0x([0-9a-fA-F]+) -- +(\d+)% complete\.")
+
+
+def parse_nand_erase(text: str) -> NandErase:
+    skipped: list[int] = []
+    failures = 0
+    last: int | None = None
+    verdict: bool | None = None
+    for raw in _lines(text):
+        for part in raw.split("\r"):
+            s = part.strip()
+            if not s:
+                continue
+            m = _NAND_SKIP.match(s)
+            if m:
+                skipped.append(int(m.group(1), 16))
+                continue
+            for e in _ERASING_AT.finditer(s):
+                last = int(e.group(1), 16)
+            if "MTD Erase failure" in s:
+                failures += 1
+            if s in ("OK", "ERROR"):
+                verdict = s == "OK"
+    if verdict is None:
+        raise UBootParseError(f"no OK or ERROR at the end of the erase: {_short(text)!r}")
+    return NandErase(verdict, tuple(skipped), failures, last)
+
+
+@dataclass(frozen=True)
+class MtdPartition:
+    name: str
+    offset: int
+    #: None: the fill-up partition ("-"), to the end of the device.
+    size: int | None
+    read_only: bool = False
+
+
+_MTDPART = re.compile(
+    r"(-|(?:0[xX][0-9a-fA-F]+|\d+)[kKmMgG]?)(?:@((?:0[xX][0-9a-fA-F]+|\d+)[kKmMgG]?))?"
+    r"\(([^()]{1,64})\)((?:ro|lk)*)"
+)
+
+
+def _memsize(text: str) -> int:
+    m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|\d+)([kKmMgG]?)", text)
+    if m is None:
+        raise UBootParseError(f"mtdparts size {text!r} is not a number")
+    return int(m.group(1), 0) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
+def parse_mtdparts(value: str) -> dict[str, tuple[MtdPartition, ...]]:
+    """``mtdparts`` (the variable's value, with or without ``mtdparts=``): partitions per
+    mtd-id. Partitions without ``@offset`` follow the previous one."""
+    text = value.strip().removeprefix("mtdparts=")
+    out: dict[str, tuple[MtdPartition, ...]] = {}
+    if not text:
+        return out
+    for device in text.split(";"):
+        ident, sep, items = device.partition(":")
+        if not sep or not ident.strip():
+            raise UBootParseError(f"mtdparts entry {_short(device)!r} has no 'mtd-id:'")
+        parts: list[MtdPartition] = []
+        pos = 0
+        for item in items.split(","):
+            m = _MTDPART.fullmatch(item.strip())
+            if m is None:
+                raise UBootParseError(f"mtdparts partition {_short(item)!r} is malformed")
+            if parts and parts[-1].size is None:
+                raise UBootParseError("mtdparts has a partition after the fill-up one ('-')")
+            start = _memsize(m.group(2)) if m.group(2) else pos
+            size = None if m.group(1) == "-" else _memsize(m.group(1))
+            if size == 0:
+                raise UBootParseError(f"mtdparts partition {m.group(3)!r} is empty")
+            parts.append(MtdPartition(m.group(3), start, size, "ro" in m.group(4)))
+            pos = start + (size or 0)
+        out[ident.strip()] = tuple(parts)
+    return out
+
+
+def parse_mtdids(value: str) -> dict[str, str]:
+    """``mtdids``: "nand0=gpmi-nand,nor0=spi0.0" as {"nand0": "gpmi-nand", ...}."""
+    out: dict[str, str] = {}
+    for item in value.split(","):
+        dev, sep, ident = item.partition("=")
+        if not item.strip():
+            continue
+        if not sep or not dev.strip() or not ident.strip():
+            raise UBootParseError(f"mtdids entry {_short(item)!r} is not dev=mtd-id")
+        out[dev.strip()] = ident.strip()
+    return out
+
+
 def crc32_of_fill(value: int, length: int) -> int:
     """CRC-32 of ``length`` bytes of ``value`` (for fill checks without building the bytes)."""
     crc = 0
@@ -787,6 +1077,12 @@ __all__ = [
     "LoadResult",
     "MmcInfo",
     "MtdDevice",
+    "MtdPartition",
+    "NandChipInfo",
+    "NandErase",
+    "NandTransfer",
+    "SfResult",
+    "SpiFlashInfo",
     "UBootParseError",
     "UBootVersion",
     "crc32_combine",
@@ -803,8 +1099,16 @@ __all__ = [
     "parse_md",
     "parse_mmc_info",
     "parse_mtd_list",
+    "parse_mtdids",
+    "parse_mtdparts",
+    "parse_nand_bad",
+    "parse_nand_erase",
+    "parse_nand_info",
+    "parse_nand_rw",
     "parse_printenv",
     "parse_sector_count",
+    "parse_sf_probe",
+    "parse_sf_result",
     "protected_warning",
     "split_status",
 ]
