@@ -315,3 +315,183 @@ def test_fuzz_real_answers_cut_short() -> None:
             for parser in _PARSERS:
                 with contextlib.suppress(P.UBootParseError):
                     parser(text[:cut])
+
+
+# ---------------------------------------------------------------------------------------------
+# sf, nand, mtdparts: Debian's QEMU builds lack these commands, so the texts follow U-Boot
+# 2023.01's format strings (cmd/sf.c, cmd/nand.c, drivers/mtd/nand/raw/nand_util.c,
+# drivers/mtd/spi/spi-nor-core.c, cmd/legacy-mtd-utils.c).
+
+SF_PROBE = "SF: Detected w25q128 with page size 256 Bytes, erase size 4 KiB, total 16 MiB\r\n"
+NAND_INFO = (
+    "\r\nDevice 0: nand0, sector size 128 KiB\r\n"
+    "  Page size         2048 b\r\n"
+    "  OOB size            64 b\r\n"
+    "  Erase size      131072 b\r\n"
+    "  ecc strength         8 bits\r\n"
+    "  ecc step size      512 b\r\n"
+    "  subpagesize       2048 b\r\n"
+    "  options       0x40004200\r\n"
+    "  bbt options   0x00008000\r\n"
+)
+NAND_ERASE = (
+    "\r\nNAND erase: device 0 offset 0x180000, size 0x60000\r\n"
+    "\rErasing at 0x180000 --  33% complete."
+    "\rSkipping bad block at  0x001a0000" + " " * 42 + "\r\n"
+    "\rErasing at 0x1c0000 -- 100% complete.\r\nOK\r\n"
+)
+
+
+def test_sf_probe_and_results() -> None:
+    info = P.parse_sf_probe(SF_PROBE)
+    assert info == P.SpiFlashInfo("w25q128", 256, 4096, 16 << 20)
+    odd = P.parse_sf_probe("SF: Detected mx25l6405d with page size 256 Bytes, erase size 64 KiB, "
+                           "total 8 MiB, mapped at 0\n")  # fmt: skip
+    assert odd.size_bytes == 8 << 20 and odd.erase_bytes == 64 << 10
+    with pytest.raises(P.UBootParseError, match="SF: Detected"):
+        P.parse_sf_probe(
+            "Invalid bus 0 (err=-19)\nFailed to initialize SPI flash at 0:0 (error -19)"
+        )
+    ok = P.parse_sf_result("device 0 offset 0x0, size 0x10000\nSF: 65536 bytes @ 0x0 Written: OK")
+    assert ok == P.SfResult("Written", 65536, 0, True)
+    assert P.parse_sf_result("SF: 65536 bytes @ 0 Read: OK").offset == 0
+    bad = P.parse_sf_result("SF: 4096 bytes @ 0x1000 Erased: ERROR -22\r\n")
+    assert (bad.verb, bad.ok, bad.code) == ("Erased", False, -22)
+    with pytest.raises(P.UBootParseError):
+        P.parse_sf_result("ERROR: attempting erase past flash size (0x800000)")
+
+
+def test_nand_info_bad_blocks_and_transfers() -> None:
+    (chip,) = P.parse_nand_info(NAND_INFO)
+    assert chip == P.NandChipInfo(0, "nand0", 128 << 10, 2048, 64)
+    assert P.parse_nand_info("\nno devices available\n") == ()
+    with pytest.raises(P.UBootParseError, match="lacks"):
+        P.parse_nand_info(NAND_INFO[:60])
+    assert P.parse_nand_bad("\r\nDevice 0 bad blocks:\r\n  001a0000\r\n  00500000\r\n") == (
+        0x1A0000,
+        0x500000,
+    )
+    assert P.parse_nand_bad("\nDevice 0 bad blocks:\n") == ()
+    assert P.parse_nand_bad("MTD device nand0 bad blocks list:\n\t0x00020000\n") == (0x20000,)
+    with pytest.raises(P.UBootParseError):
+        P.parse_nand_bad("\nDevice 0 bad blocks:\n  zz\n")
+    w = P.parse_nand_rw(
+        "\r\nNAND write: device 0 offset 0x180000, size 0x50000\r\n"
+        "Skip bad block 0x001a0000\r\n 327680 bytes written: OK\r\n"
+    )
+    assert w == P.NandTransfer("write", 0x50000, True, (0x1A0000,))
+    r = P.parse_nand_rw(
+        "\nNAND read: device 0 whole chip\nSkipping bad block 0x00500000\n 8 bytes read: OK"
+    )
+    assert r.operation == "read" and r.skipped == (0x500000,)
+    f = P.parse_nand_rw(
+        "\nNAND write: device 0 offset 0x180000, size 0x800\n"
+        "NAND write to offset 180000 failed -5\n 0 bytes written: ERROR\n"
+    )
+    assert not f.ok and f.messages == ("NAND write to offset 180000 failed -5",)
+    early = P.parse_nand_rw("\nNAND write: Size exceeds partition or device limit\n")
+    assert not early.ok and early.messages == ("Size exceeds partition or device limit",)
+    with pytest.raises(P.UBootParseError):
+        P.parse_nand_rw("\nNAND read: device 0 offset 0x0, size 0x800\n")
+
+
+def test_nand_erase_output() -> None:
+    e = P.parse_nand_erase(NAND_ERASE)
+    assert e == P.NandErase(True, (0x1A0000,), 0, 0x1C0000)
+    failed = P.parse_nand_erase(
+        "\nNAND erase: device 0 offset 0x0, size 0x20000\n\nnand0: MTD Erase failure: -5\n\nOK\n"
+    )
+    assert failed.ok and failed.failures == 1  # U-Boot says OK after an erase failure
+    assert not P.parse_nand_erase("Attempt to erase non block-aligned data\nERROR\n").ok
+    with pytest.raises(P.UBootParseError, match="OK or ERROR"):
+        P.parse_nand_erase(NAND_ERASE[:-5])
+
+
+def test_mtdparts_and_mtdids() -> None:
+    parts = P.parse_mtdparts(
+        "mtdparts=gpmi-nand:4m(boot)ro,0x40000@0x600000(env),-(ubi);spi0.0:512k(u-boot)"
+    )
+    assert parts["gpmi-nand"] == (
+        P.MtdPartition("boot", 0, 4 << 20, True),
+        P.MtdPartition("env", 0x600000, 0x40000),
+        P.MtdPartition("ubi", 0x640000, None),
+    )
+    assert parts["spi0.0"] == (P.MtdPartition("u-boot", 0, 512 << 10),)
+    assert P.parse_mtdparts("") == {}
+    for bad in ("mtdparts=nand0", "nand0:-(a),1m(b)", "nand0:1m(a", "nand0:0(a)", "x:1q(a)"):
+        with pytest.raises(P.UBootParseError):
+            P.parse_mtdparts(bad)
+    assert P.parse_mtdids("nand0=gpmi-nand, nor0=spi0.0") == {
+        "nand0": "gpmi-nand",
+        "nor0": "spi0.0",
+    }
+    assert P.parse_mtdids("") == {}
+    with pytest.raises(P.UBootParseError):
+        P.parse_mtdids("nand0")
+
+
+@given(
+    parts=st.lists(
+        st.tuples(
+            st.text(alphabet="abcdefgh_-0123456789", min_size=1, max_size=12),
+            st.integers(1, 4096),
+            st.integers(0, 64),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    fill=st.booleans(),
+)
+def test_mtdparts_round_trip(parts: list[tuple[str, int, int, bool]], fill: bool) -> None:
+    items = []
+    expected = []
+    pos = 0
+    for name, kib, gap_kib, ro in parts:
+        start = pos + gap_kib * 1024
+        at = f"@0x{start:x}" if gap_kib else ""
+        items.append(f"{kib}k{at}({name}){'ro' if ro else ''}")
+        expected.append(P.MtdPartition(name, start, kib * 1024, ro))
+        pos = start + kib * 1024
+    if fill:
+        items.append("-(rest)")
+        expected.append(P.MtdPartition("rest", pos, None))
+    assert P.parse_mtdparts("mtdparts=dev0:" + ",".join(items)) == {"dev0": tuple(expected)}
+
+
+_MTD_PARSERS = [
+    P.parse_sf_probe,
+    P.parse_sf_result,
+    P.parse_nand_info,
+    P.parse_nand_bad,
+    P.parse_nand_rw,
+    P.parse_nand_erase,
+    P.parse_mtdparts,
+    P.parse_mtdids,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=300),
+        st.text(
+            alphabet="0123456789abcdefx:=()@,;-+kKmM \n\r\tSFDevicbadytsOKERnwrig", max_size=300
+        ),
+    ),
+    which=st.integers(min_value=0, max_value=len(_MTD_PARSERS) - 1),
+)
+def test_fuzz_mtd_parsers_raise_only_parse_errors(raw: bytes | str, which: int) -> None:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        _MTD_PARSERS[which](text)
+    except P.UBootParseError as e:
+        assert e.message
+
+
+def test_fuzz_mtd_answers_cut_short() -> None:
+    for text in (SF_PROBE, NAND_INFO, NAND_ERASE, "\nDevice 0 bad blocks:\n  001a0000\n"):
+        for cut in range(len(text)):
+            for parser in _MTD_PARSERS:
+                with contextlib.suppress(P.UBootParseError):
+                    parser(text[:cut])

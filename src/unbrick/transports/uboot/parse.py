@@ -875,7 +875,8 @@ class NandTransfer:
 _NAND_RW = re.compile(r"^ ?(\d+) bytes (read|written): (OK|ERROR)\s*$")
 _NAND_SKIP = re.compile(r"^Skip(?:ping)? bad block(?: at)? +0x([0-9a-fA-F]+)\b")
 _NAND_PROBLEM = re.compile(
-    r"^(?:NAND (?:write to|read from) offset .* failed.*|Attempt to .*|Size .*exceeds.*|"
+    r"^(NAND [a-z.]+: )?"
+    r"(?:NAND (?:write to|read from) offset .* failed.*|Attempt to .*|Size .*exceeds.*|"
     r"Offset exceeds device limit|.*MTD Erase failure.*|.*MTD get bad block failed.*|"
     r"no devices available|partition .* not found)$"
 )
@@ -891,8 +892,9 @@ def parse_nand_rw(text: str) -> NandTransfer:
         if m:
             skipped.append(int(m.group(1), 16))
             continue
-        if _NAND_PROBLEM.match(s):
-            messages.append(s)
+        p = _NAND_PROBLEM.match(s)
+        if p:
+            messages.append(s[p.end(1) :] if p.group(1) else s)
             continue
         r = _NAND_RW.match(line)
         if r:
