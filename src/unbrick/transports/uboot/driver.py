@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from unbrick.errors import DeviceError, TransportError, UnbrickError, UsageError
 from unbrick.model.identity import DeviceIdentity, StorageInfo
 from unbrick.model.uri import DeviceAddress
-from unbrick.transports.base import BootReport, Capability
+from unbrick.transports.base import BootReport, BootState, Capability
 from unbrick.transports.uboot import mtd as M
 from unbrick.transports.uboot import parse as P
 from unbrick.transports.uboot.console import (
@@ -130,6 +130,10 @@ class UBootOptions:
     #: Typed at the operating system's console to get back to U-Boot (after a boot into the
     #: firmware); empty: wait for a power cycle.
     os_reboot: str = "reboot"
+    #: A/B boot control: the environment variable naming the slot that boots (U-Boot's
+    #: bootcount scheme: ``upgrade_available=1`` makes the bootloader try the other slot
+    #: until ``bootcount`` exceeds ``bootlimit``, then ``altbootcmd`` boots this one again).
+    slot_var: str = "active_slot"
     #: XMODEM/YMODEM: wait for each answer, and retransmissions per block.
     transfer_timeout_s: float = 10.0
     transfer_retries: int = 10
@@ -153,7 +157,8 @@ class UBootOptions:
     @classmethod
     def from_address(cls, address: DeviceAddress, base: UBootOptions | None = None) -> UBootOptions:
         """Options from ``uboot+...?baud=&interrupt=&prompt=&block=&firmware=&nor_fallback=
-        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=&os_reboot=`` and the
+        &boot_bank=&nor_word=&transfer=&ram=&timeout=&max_transfer=&os_reboot=&slot_var=``
+        and the
         network ones of :meth:`NetConfig.from_address` over ``base``."""
         opts = base or cls()
         console = opts.console
@@ -187,6 +192,7 @@ class UBootOptions:
             transfer=address.param("transfer", opts.transfer) or opts.transfer,
             ram_base=address.int_param("ram", 0) if ram else opts.ram_base,
             os_reboot=address.param("os_reboot", opts.os_reboot) or "",
+            slot_var=address.param("slot_var", opts.slot_var) or opts.slot_var,
             net=NetConfig.from_address(address) or opts.net,
             max_transfer=address.int_param("max_transfer", opts.max_transfer),
         )
@@ -600,6 +606,9 @@ class UBootDriver:
         self._net: SessionServer | None = None
         #: The server port the device's environment was set up for (lost at every reset).
         self._net_env_port: int | None = None
+        #: The last boot handed the console to the operating system: the next command must
+        #: first bring U-Boot back (see :meth:`enter_recovery`).
+        self._in_os = False
 
     # -- session ----------------------------------------------------------------------------
 
@@ -626,6 +635,10 @@ class UBootDriver:
         check: bool = True,
         status: bool = False,
     ) -> CommandResult:
+        if self._in_os:
+            self._in_os = False
+            log.info("%s: the firmware runs; going back to U-Boot for %r", self.address, command)
+            self.enter_recovery(self.options.console.attach_timeout_s + 60.0)
         return self.console.run(command, timeout_s=timeout_s, check=check, status=status)
 
     def command(self, command: str, timeout_s: float | None = None) -> str:
@@ -1481,23 +1494,104 @@ class UBootDriver:
                 version = P.parse_version(text).version
             state = "firmware" if _BANNER.search(text.encode()) else "bootloader"
             return BootReport(log=_tail(text), state=state, firmware_version=version)
-        stop = re.compile(rb"\n" + prompt + rb"$|(?s:" + _BANNER.pattern + rb".*){2}")
+        # A second banner ends the capture right there: its countdown stays buffered.
+        stop = re.compile(
+            rb"\n" + prompt + rb"$|" + _BANNER.pattern + rb"(?s:.*?)" + _BANNER.pattern
+        )
         text, reason = con.capture(
             timeout_s=timeout_s, stop=stop, quiet_s=self.options.boot_quiet_s
         )
         raw = text.encode()
         if reason == "stop":
-            if len(_BANNER.findall(raw)) >= 2:
-                log.warning("%s: U-Boot started twice after the reset: a boot loop", self.address)
             with contextlib.suppress(TransportError):
-                con.resync(timeout_s=3.0)
+                if len(_BANNER.findall(raw)) >= 2:
+                    # Stop the loop at the next countdown: the driver keeps the console, so
+                    # the engine can roll back through it.
+                    log.warning(
+                        "%s: U-Boot started twice after the reset: a boot loop", self.address
+                    )
+                    con.expect_boot()
+                    con.attach(min(10.0, timeout_s))
+                else:
+                    con.resync(timeout_s=3.0)
             return BootReport(log=_tail(text), state="bootloader")
         if reason == "silent":
             con.state = ConsoleState.LOST
             return BootReport(log="", state="dead")
         con.state = ConsoleState.LOST  # the operating system owns the console now
         state = "firmware" if OS_STARTED.search(raw) else "dead"
+        self._in_os = state == "firmware"
         return BootReport(log=_tail(text), state=state)
+
+    # -- BootControl (U-Boot's bootcount scheme) ---------------------------------------------
+
+    def _boot_env(self) -> dict[str, str]:
+        env = P.parse_printenv(self._run("printenv").output)
+        var = self.options.slot_var
+        if not env.get(var) or not ("bootlimit" in env or "altbootcmd" in env):
+            raise DeviceError(
+                f"U-Boot's environment has no A/B boot control ({var}, bootlimit, altbootcmd)",
+                hint="write the slot's region with --partition, or name the slot variable "
+                "with slot_var=",
+            )
+        return env
+
+    def boot_state(self) -> BootState:
+        env = self._boot_env()
+        active = env[self.options.slot_var]
+        trial = None
+        if env.get("upgrade_available") == "1":
+            trial = f"not {active}"
+        return BootState(
+            active_slot=active,
+            trial_slot=trial,
+            bootcount=_int_or(env.get("bootcount"), 0),
+            bootlimit=_int_or(env.get("bootlimit"), 0),
+            extra={"upgrade_available": env.get("upgrade_available", "0")},
+        )
+
+    def set_trial(self, slot: str) -> None:
+        """Try the other slot on the next boot: ``upgrade_available=1``, ``bootcount=0``,
+        saved; U-Boot falls back through ``altbootcmd`` after ``bootlimit`` failed boots."""
+        env = self._boot_env()
+        if env[self.options.slot_var] == slot:
+            raise DeviceError(
+                f"slot {slot} is the active slot; only the other slot can be tried",
+                hint="write the inactive slot and try that one",
+            )
+        self._save_env({"upgrade_available": "1", "bootcount": "0"})
+
+    def commit(self, slot: str) -> None:
+        """Make ``slot`` the one that boots and clear the trial state. After a boot into the
+        firmware this goes back to U-Boot (see :meth:`enter_recovery`), saves, and boots."""
+        was_in_os = self._in_os
+        self._boot_env()
+        self._save_env({self.options.slot_var: slot, "upgrade_available": "0", "bootcount": "0"})
+        if was_in_os:
+            self.console.send_reset("boot")
+            self._in_os = True
+
+    def _save_env(self, values: dict[str, str]) -> None:
+        sets = "; ".join(f"setenv {k} {v}" for k, v in values.items())
+        out = self._run(f"{sets}; saveenv", timeout_s=self._t() + 10.0).output
+        # "Saving Environment to MMC... Writing to MMC(0)... OK", or for NOR the erase and
+        # write lines and then "OK" alone: either way OK ends it ("FAILED" otherwise).
+        if "Saving Environment to" not in out or not re.search(r"\bOK\s*$", out):
+            raise DeviceError(
+                f"saveenv did not report OK: {_tail(out).strip()[-200:]!r}",
+                hint="the environment is not stored; check U-Boot's env storage",
+            )
+        env = P.parse_printenv(self._run("printenv").output)
+        wrong = [k for k, v in values.items() if env.get(k) != v]
+        if wrong:
+            raise DeviceError(f"U-Boot did not keep {', '.join(wrong)} in its environment")
+
+
+def _int_or(text: str | None, default: int) -> int:
+    try:
+        return int(text, 0) if text is not None else default
+    except ValueError:
+        return default
 
 
 def _first(env: dict[str, str], names: tuple[str, ...]) -> str | None:
@@ -1567,7 +1661,9 @@ def open_uboot(
     driver = UBootDriver(address, console, opts, closer=closer)
     try:
         console.attach(max(timeout_s, opts.console.attach_timeout_s))
-        driver.probe  # noqa: B018 - read the device once, up front
+        env = driver.probe.env  # read the device once, up front
+        if env.get(opts.slot_var) and ("bootlimit" in env or "altbootcmd" in env):
+            driver.capabilities = driver.capabilities | {Capability.BOOT_CONTROL}
     except BaseException:
         driver.close()
         raise
