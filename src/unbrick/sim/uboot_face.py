@@ -11,18 +11,22 @@ Address map (32-bit, like a small ARM router):
 
 * ``0x00000000`` - the device's flash as one CFI NOR bank (8 MiB, 64 KiB sectors for the sim
   kinds), so a flash offset *is* its address. The bootloader and environment sectors are
-  write-protected at every boot, as U-Boot protects its own sectors.
+  write-protected at every boot, as U-Boot protects its own sectors. Kinds whose flash is SPI
+  NOR or NAND have no bank there (``flinfo``: ``missing or unknown FLASH type``): their chip
+  is reached with ``sf`` or ``nand``, and ``mtd`` (:mod:`unbrick.sim.uboot_mtd`).
 * ``0x40000000`` - 128 MiB of RAM (allocated lazily, zero-filled), like QEMU's ``virt``;
   ``loadaddr`` is ``0x40200000``.
 * Reads elsewhere return zeros; writes elsewhere (and ``mw`` to flash addresses: CFI command
   cycles are not modelled) are ignored.
 
 Commands: version, bdinfo, printenv, setenv, saveenv, run, echo, true, false, help, reset,
-boot/bootd, flinfo, protect, erase, cp, md, mw, crc32, cmp, loadx, loady, tftpboot, bootm,
-iminfo; the formats of their output and of their errors are U-Boot 2023.01's. Flash writes go
-through the device (NOR rules and power-cut faults apply); like U-Boot's CFI driver, ``cp`` to
-flash refuses a write buffer that needs a 0 bit to become 1 (``Flash not Erased``), so copying
-over data that was not erased leaves a mix of old and new data, which ``crc32`` shows.
+boot/bootd, flinfo, protect, erase, cp, md, mw, crc32, cmp, loadx, loady, tftpboot, tftpput,
+bootm, iminfo, and sf or nand, and mtd, by flash type; the formats of their output and of
+their errors are U-Boot 2023.01's. Flash writes go through the device (NOR rules and power-cut
+faults apply); like U-Boot's CFI driver, ``cp`` to flash refuses a write buffer that needs a 0
+bit to become 1 (``Flash not Erased``), so copying over data that was not erased leaves a mix
+of old and new data, which ``crc32`` shows.
+:class:`ConsoleConfig` can make flash writes store a flipped bit (``corrupt_writes``).
 
 The console follows the device: each power-on is played once to the terminal (a boot that
 happened while no terminal was attached is played to the next one, as QEMU's ``wait=on``
