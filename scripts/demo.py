@@ -4,7 +4,10 @@
    firmware region is half written and the router stops in its bootloader (a soft brick).
 2. The technician diagnoses it (`unbrick diagnose`), rescues it (`unbrick rescue`: probe,
    verified backup, image checks, flash, verify, reboot, validate) and reads the repair log.
-3. A few firmware files are inspected, verified and converted.
+3. A second router, whose firmware is corrupt, is repaired the way most real routers are: on
+   its serial console, at the U-Boot prompt (`uboot+tcp://`), with the image pulled by the
+   router's `tftpboot` from unbrick's own TFTP server and checked with U-Boot's `crc32`.
+4. A few firmware files are inspected, verified and converted.
 
 Everything runs through the real `unbrick` command line, with its state in demo-out/. The demo
 stops with a non-zero status if any outcome differs from the expected one.
@@ -121,17 +124,20 @@ def minisign_sign(key: Ed25519PrivateKey, key_id: bytes, file: Path) -> Path:
     return out
 
 
-def start_sim(name: str, registry: Path, *faults: str) -> subprocess.Popen[bytes]:
-    args = [UNBRICK, "sim", "router", "--name", name, "--registry", str(registry)]
+def start_sim(
+    name: str, registry: Path, *faults: str, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a simulated router; returns the process and its console's HOST:PORT."""
+    args = [UNBRICK, "sim", "router", "--name", name, "--registry", str(registry), *extra]
     for fault in faults:
         args += ["--fault", fault]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode().strip()
     print(f"  {line}", flush=True)
-    if "listening" not in line:
+    if "listening" not in line or "console " not in line:
         raise SystemExit("demo: the simulator did not start")
-    return proc
+    return proc, line.rsplit("console ", 1)[1].split()[0]
 
 
 def rescue_story() -> None:
@@ -155,7 +161,7 @@ def rescue_story() -> None:
     )
     print(f"  {fw.name}: {len(image)} bytes, with its manifest {fw.name}.manifest.toml")
     # The second flash operation of the update loses power half-way.
-    sim = start_sim("lab-router", registry, "power-cut-after=2", "power-on-delay=3")
+    sim, _ = start_sim("lab-router", registry, "power-cut-after=2", "power-on-delay=3")
     try:
         unbrick("device", "probe", "sim://lab-router", expect=0)
 
@@ -196,6 +202,39 @@ def rescue_story() -> None:
         say("The jobs and backups on this workbench")
         unbrick("log", expect=0)
         unbrick("backups", "list", expect=0)
+    finally:
+        sim.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sim.wait(timeout=10)
+    console_story(fw)
+
+
+def console_story(fw: Path) -> None:
+    say("Another router: its firmware is corrupt; a serial cable goes on its UART")
+    sim, console = start_sim(
+        "shop-router", OUT / "sims", extra=("--brick", "soft", "--autoboot-delay", "1")
+    )
+    # The router reaches this computer's TFTP server at serverip; U-Boot pulls each piece
+    # of the image with tftpboot (unbrick's own server, for this session only).
+    net = "serverip=127.0.0.1&ipaddr=127.0.0.1&tftp_listen=127.0.0.1:0"
+    uri = f"uboot+tcp://{console}?boot_bank=on&{net}"
+    try:
+        unbrick("device", "probe", uri, expect=0)
+        say("The repair at the U-Boot prompt: tftpboot, crc32, erase, cp.b, cmp, reset")
+        unbrick(
+            "flash",
+            uri,
+            str(fw),
+            "--profile",
+            "sim-router",
+            "--partition",
+            "firmware",
+            "--backup-scope",
+            "target",
+            "--yes",
+            expect=0,
+        )
+        unbrick("log", expect=0)
     finally:
         sim.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
