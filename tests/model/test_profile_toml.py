@@ -564,3 +564,40 @@ def test_mutated_profiles_load_or_give_usage_errors(data: st.DataObject) -> None
     if p.storage.size_bytes:
         for r in p.regions:
             assert r.offset + r.size <= p.storage.size_bytes
+
+
+def test_link_tables_set_uri_defaults_and_the_backup_scope() -> None:
+    p = load(
+        BASE
+        + "\n[link.uboot]\nboot_bank = true\nnor_fallback = false\nbaud = 57600\n"
+        + 'interrupt = "ctrl-c"\nbackup_scope = "target"\n',
+        "test-dev.toml",
+    )
+    assert p.link_params("uboot") == {
+        "boot_bank": "on",
+        "nor_fallback": "off",
+        "baud": "57600",
+        "interrupt": "ctrl-c",
+    }
+    assert p.backup_scope("uboot") == "target"
+    assert p.link_params("sim") == {} and p.backup_scope("sim") == "full"
+    builtin = dict(builtin_profile_sources())
+    router = load_profile(builtin["builtin:sim-router.toml"], "builtin:sim-router.toml")
+    assert router.link_params("uboot") == {"boot_bank": "on"}
+    assert router.backup_scope("uboot") == "target"
+
+
+@pytest.mark.parametrize(
+    ("table", "fragments"),
+    [
+        ("[link.serialport]\nbaud = 1\n", ("unknown link [link.serialport]", "uboot")),
+        ("[link.uboot]\n'Bad Key' = 1\n", ("'Bad Key' in [link.uboot] is not a URI parameter",)),
+        ("[link.uboot]\nbaud = 1.5\n", ("'baud' in [link.uboot] must be a string, number",)),
+        ('[link.uboot]\nbackup_scope = "half"\n', ("must be one of full, target",)),
+        ("link = 3\n", ("'link' in the top level must be tables",)),
+        ("[link]\nuboot = 3\n", ("[link.uboot] must be a table",)),
+    ],
+)
+def test_bad_link_tables_are_refused(table: str, fragments: tuple[str, ...]) -> None:
+    text = table + BASE if table.startswith("link =") else BASE + "\n" + table
+    refused(text, *fragments)

@@ -102,3 +102,12 @@ def test_arbitrary_text_parses_or_is_a_usage_error(text: str) -> None:
     except UsageError:
         return
     assert addr.scheme in SCHEMES
+
+
+def test_profile_defaults_fill_only_the_parameters_the_uri_leaves_out() -> None:
+    address = parse_device_uri("uboot+tcp://127.0.0.1:4000?baud=9600")
+    merged = address.with_defaults({"baud": "115200", "boot_bank": "on"})
+    assert merged.param("baud") == "9600"
+    assert merged.param("boot_bank") == "on"
+    assert merged.uri == address.uri  # shown as the user typed it
+    assert address.with_defaults({"baud": "1"}) is address

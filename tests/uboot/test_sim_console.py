@@ -44,7 +44,7 @@ class Sim:
 
     def uri(self, query: str = "") -> str:
         port = self.server.ports.console_port
-        return f"uboot+tcp://127.0.0.1:{port}?boot_bank=on" + (f"&{query}" if query else "")
+        return f"uboot+tcp://127.0.0.1:{port}" + (f"?{query}" if query else "")
 
 
 @pytest.fixture
@@ -96,7 +96,6 @@ class Bench:
                 region=region,
                 profile_id=profile,
                 integrity=IntegrityRequest(sha256=sha),
-                backup_scope="target",
             ),
         )
 
@@ -136,6 +135,10 @@ def test_a_nor_router_is_flashed_through_its_console_and_boots_the_new_version(
     result = bench.flash(router.uri(NET), img, "firmware", "sim-router")
     assert result.outcome == "success"  # type: ignore[attr-defined]
     drv = bench.drivers[-1]
+    # The profile's [link.uboot] table: the flash at address 0, and a backup of the target.
+    assert drv.options.boot_bank is True
+    started = {e.name: e.data for e in bench.sink.events if e.kind == "step-start"}
+    assert started["backup"]["scope"] == "target"
     # Written by tftpboot, backed up by tftpput; both checked with crc32.
     assert drv.stats.net_loads >= 2 and drv.stats.net_reads >= 1
     assert drv.stats.net_failure == ""

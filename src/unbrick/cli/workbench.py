@@ -143,9 +143,9 @@ def _print_plan(plan: Any) -> None:
 @click.option(
     "--backup-scope",
     type=click.Choice(["full", "target"]),
-    default="full",
-    show_default=True,
-    help="Back up the whole flash or only what is written.",
+    default=None,
+    help="Back up the whole flash or only what is written [default: the profile's choice "
+    "for the link, else full].",
 )
 @click.option("--sha256", metavar="HEX", help="Expected SHA-256 of IMAGE.")
 @click.option("--sums", type=_image, help="Checksum file listing IMAGE.")
@@ -169,7 +169,7 @@ def flash(
     reason: tuple[str, ...],
     allow_downgrade: bool,
     allow_critical: bool,
-    backup_scope: str,
+    backup_scope: str | None,
     sha256: str | None,
     sums: Path | None,
     sig: Path | None,

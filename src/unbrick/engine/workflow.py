@@ -100,8 +100,9 @@ class FlashRequest:
     #: check id -> reason, for ``--force CHECK_ID --reason TEXT``.
     forced: tuple[tuple[str, str], ...] = ()
     operator: str = ""
-    #: "full" (whole storage) or "target" (only what will be written).
-    backup_scope: str = "full"
+    #: "full" (whole storage) or "target" (only what will be written); None: the profile's
+    #: choice for the link (``[link.PROTOCOL] backup_scope``), else "full".
+    backup_scope: str | None = None
     #: Two-pass devices: the loader image staged before the main write.
     loader: Path | None = None
 
@@ -129,6 +130,8 @@ class Plan:
     steps: list[str]
     estimate_s: float
     forced: dict[str, str]
+    #: "full" or "target": what the backup before the write covers.
+    backup_scope: str = "full"
 
     @property
     def ok(self) -> bool:
@@ -156,6 +159,7 @@ class Plan:
             "steps": self.steps,
             "estimate_s": round(self.estimate_s, 1),
             "forced": self.forced,
+            "backup_scope": self.backup_scope,
             "ok": self.ok,
         }
 
@@ -219,14 +223,14 @@ class Workbench:
     def probe(
         self, uri: str, profile_id: str | None = None
     ) -> tuple[DeviceIdentity, Profile | None]:
-        address = parse_device_uri(uri)
+        address = self._address(uri, profile_id)
         with self._device(address) as dev:
             identity = cast(Identify, dev).identify()
         return identity, self._match_profile(identity, profile_id, required=False)
 
     def plan(self, uri: str, request: FlashRequest) -> Plan:
         """Probe the device and check the image against it; writes nothing."""
-        address = parse_device_uri(uri)
+        address = self._address(uri, request.profile_id)
         with self._device(address) as dev:
             return self._plan(address, dev, request, job_id="")
 
@@ -247,7 +251,7 @@ class Workbench:
         user), reused so the image is not inspected twice; the device identity is read again
         before anything is written either way.
         """
-        address = parse_device_uri(uri)
+        address = self._address(uri, request.profile_id)
         job_id = new_job_id()
         with self._device(address) as dev:
             if plan is None or plan.device_uri != uri:
@@ -276,7 +280,7 @@ class Workbench:
                     "forced": plan.forced,
                     "allow_downgrade": request.allow_downgrade,
                     "allow_critical": request.allow_critical,
-                    "backup_scope": request.backup_scope,
+                    "backup_scope": plan.backup_scope,
                     "profile": plan.profile.id,
                     "region": plan.target.region,
                     "offset": plan.target.offset,
@@ -377,7 +381,8 @@ class Workbench:
             steps.append("set-trial-slot")
         steps += ["reboot", "validate", "commit"]
         storage = identity.storage.size_bytes if identity.storage else target.size
-        backup_bytes = storage if request.backup_scope == "full" else target.size
+        scope = request.backup_scope or profile.backup_scope(address.protocol)
+        backup_bytes = storage if scope == "full" else target.size
         # Rough: loopback links move ~20 MB/s; boots take seconds. Refined by measured rates.
         estimate = (backup_bytes * 2 + target.size * 2) / 20e6 + profile.boot.timeout_s / 10
         return Plan(
@@ -398,6 +403,7 @@ class Workbench:
             steps=steps,
             estimate_s=estimate,
             forced=forced,
+            backup_scope=scope,
         )
 
     def _manifest(self, request: FlashRequest) -> Manifest | None:
@@ -867,7 +873,7 @@ class Workbench:
         validate. The same safe workflow as a flash (identity checks, a backup of the current
         state first, per-range verification). Idempotent: run it again after an interruption.
         """
-        address = parse_device_uri(uri)
+        address = self._address(uri, profile_id)
         full_id = self.vault.resolve(backup_id)
         record = self.vault.get(full_id)
         forced = dict(forced or {})
@@ -1068,7 +1074,8 @@ class Workbench:
             )
         if job.kind != "flash":
             raise JobError(f"job {job_id} is a {job.kind} job; only flash jobs resume")
-        address = parse_device_uri(job.device_uri)
+        profile_id = job.options.get("profile")
+        address = self._address(job.device_uri, str(profile_id) if profile_id else None)
         with self._device(address) as dev:
             identity = cast(Identify, dev).identify()
             recorded = DeviceIdentity.from_dict(job.device_identity)
@@ -1147,6 +1154,15 @@ class Workbench:
         )
 
     # ---------------------------------------------------------------- helpers
+
+    def _address(self, uri: str, profile_id: str | None) -> DeviceAddress:
+        """The device address, with the named profile's defaults for its link (``[link.X]``)
+        where the URI does not set them."""
+        address = parse_device_uri(uri)
+        if profile_id is None:
+            return address
+        profile = self.profiles.get(profile_id)
+        return address.with_defaults(profile.link_params(address.protocol))
 
     @contextlib.contextmanager
     def _device(self, address: DeviceAddress) -> Iterator[Device]:

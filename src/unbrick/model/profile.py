@@ -133,6 +133,19 @@ class Profile:
     verify: str = "auto"
     #: Where the profile was loaded from (a path, or "builtin:NAME").
     source: str = ""
+    #: Per link protocol ("uboot", "sim", ...): defaults for the device URI's query
+    #: parameters (the URI's own win), and ``backup_scope`` ("full" or "target").
+    link: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def link_params(self, protocol: str) -> dict[str, str]:
+        """The URI parameters this profile sets by default on links of ``protocol``."""
+        params = dict(self.link.get(protocol, {}))
+        params.pop("backup_scope", None)
+        return params
+
+    def backup_scope(self, protocol: str) -> str:
+        """What a flash backs up on links of ``protocol`` unless asked: "full" or "target"."""
+        return self.link.get(protocol, {}).get("backup_scope", "full")
 
     def matches(self, identity: DeviceIdentity) -> bool:
         return bool(self.match) and all(rule.matches(identity) for rule in self.match)

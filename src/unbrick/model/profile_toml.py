@@ -39,6 +39,7 @@ from unbrick.model.profile import (
     Region,
     StorageSpec,
 )
+from unbrick.model.uri import SCHEMES
 
 FAMILIES = ("router", "nas", "phone", "sbc", "mcu", "iot", "other")
 REGION_KINDS = ("firmware", "bootloader", "env", "data", "calibration", "loader")
@@ -61,6 +62,11 @@ MATCH_FIELDS = (
 DEVICE_SIZED = ("block", "emmc")
 MAX_PROFILE_BYTES = 1 << 20
 
+#: Link protocols a profile may set defaults for (the protocols of device URIs).
+LINK_PROTOCOLS = frozenset(protocol for protocol, _, _ in SCHEMES.values())
+BACKUP_SCOPES = ("full", "target")
+_PARAM = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
 _TOP_KEYS = (
     "id",
     "name",
@@ -74,6 +80,7 @@ _TOP_KEYS = (
     "boot",
     "compat",
     "loader",
+    "link",
 )
 _STORAGE_KEYS = ("type", "size", "erase_block", "bad_blocks")
 _REGION_KEYS = ("name", "offset", "size", "kind", "critical", "slot", "slot_group", "formats")
@@ -466,6 +473,44 @@ def _boot(top: _Table) -> BootCheck:
     )
 
 
+def _links(top: _Table) -> dict[str, dict[str, str]]:
+    """``[link.PROTOCOL]`` tables: URI parameter defaults (strings, numbers or booleans,
+    which become "on"/"off") and ``backup_scope``."""
+    raw = top.raw("link")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise top.bad("link", f"must be tables ([link.uboot]), not {type(raw).__name__}")
+    out: dict[str, dict[str, str]] = {}
+    for protocol, table in raw.items():
+        where = f"[link.{protocol}]"
+        if protocol not in LINK_PROTOCOLS:
+            raise top.error(f"unknown link {where}; known: {', '.join(sorted(LINK_PROTOCOLS))}")
+        if not isinstance(table, dict):
+            raise top.error(f"{where} must be a table, not {type(table).__name__}")
+        params: dict[str, str] = {}
+        for key, value in table.items():
+            if not _PARAM.fullmatch(key):
+                raise top.error(f"'{key}' in {where} is not a URI parameter name")
+            if isinstance(value, bool):
+                text = "on" if value else "off"
+            elif isinstance(value, (str, int)):
+                text = str(value)
+            else:
+                raise top.error(
+                    f"'{key}' in {where} must be a string, number or boolean, "
+                    f"not {type(value).__name__}"
+                )
+            if key == "backup_scope" and text not in BACKUP_SCOPES:
+                raise top.error(
+                    f"'backup_scope' in {where} must be one of {', '.join(BACKUP_SCOPES)}, "
+                    f"not {text!r}"
+                )
+            params[key] = text
+        out[protocol] = params
+    return out
+
+
 def _compat(top: _Table) -> Compatibility:
     t = top.table("compat", _COMPAT_KEYS)
     if t is None:
@@ -542,6 +587,7 @@ def load_profile(data: bytes, source: str) -> Profile:
         loader=_loader(top, names),
         verify=verify,
         source=source,
+        link=_links(top),
     )
 
 

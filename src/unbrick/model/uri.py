@@ -7,7 +7,8 @@ UsageError that lists the supported forms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from unbrick.errors import UsageError
@@ -73,6 +74,12 @@ class DeviceAddress:
             return int(value, 0)
         except ValueError as e:
             raise UsageError(f"{self.uri}: parameter {key}={value!r} is not a number") from e
+
+    def with_defaults(self, defaults: Mapping[str, str]) -> DeviceAddress:
+        """This address with ``defaults`` added for the query parameters it does not set."""
+        have = {k for k, _ in self.params}
+        extra = tuple((k, v) for k, v in defaults.items() if k not in have)
+        return replace(self, params=self.params + extra) if extra else self
 
     @property
     def pyserial_url(self) -> str:
