@@ -11,7 +11,12 @@ from unbrick.errors import TransportError, UsageError
 from unbrick.model.uri import parse_device_uri
 from unbrick.transports.tftp import tftp_get, tftp_put
 from unbrick.transports.uboot.driver import UBootOptions
-from unbrick.transports.uboot.netxfer import NetConfig, SessionServer, parse_tftp_transfer
+from unbrick.transports.uboot.netxfer import (
+    NetConfig,
+    NetworkError,
+    SessionServer,
+    parse_tftp_transfer,
+)
 from unbrick.transports.uboot.parse import UBootParseError
 
 pytestmark = pytest.mark.unit
@@ -102,7 +107,7 @@ def test_transfer_count_is_read_and_cross_checked() -> None:
     ],
 )
 def test_uboot_network_errors_become_one_line_transport_errors(text: str, line: str) -> None:
-    with pytest.raises(TransportError, match=r"U-Boot: ") as e:
+    with pytest.raises(NetworkError, match=r"U-Boot: ") as e:
         parse_tftp_transfer(text)
     assert line in e.value.message
 

@@ -495,3 +495,18 @@ def test_fuzz_mtd_answers_cut_short() -> None:
             for parser in _MTD_PARSERS:
                 with contextlib.suppress(P.UBootParseError):
                     parser(text[:cut])
+
+
+def test_device_digests_of_md5sum_and_hash() -> None:
+    md5 = "md5 for 40000000 ... 400000ff ==> 9e107d9d372bb6826bd81d3542a419d6\n"
+    res = P.parse_digest("=> md5sum 0x40000000 0x100\n" + md5, "md5")
+    assert res == P.DigestResult("md5", 0x40000000, 0x100, "9e107d9d372bb6826bd81d3542a419d6")
+    sha = "sha256 for 04040000 ... 0407ffff ==> " + "AB" * 32
+    assert P.parse_digest(sha, "sha256").hexdigest == "ab" * 32
+    assert P.parse_digest(sha, "sha256").length == 0x40000
+    with pytest.raises(P.UBootParseError, match="no sha256 result"):
+        P.parse_digest(md5, "sha256")
+    with pytest.raises(P.UBootParseError, match="garbled md5 result"):
+        P.parse_digest("md5 for 40000000 ... 400000ff ==> 9e107d9d", "md5")
+    with pytest.raises(P.UBootParseError, match="no sha1 result"):
+        P.parse_digest("Unknown command 'hash' - try 'help'", "sha1")

@@ -16,11 +16,15 @@ Two rules keep it safe on a device whose last command may have been a write:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
 import re
+import select
+import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,8 +64,13 @@ class PortLink:
         self.name = name or str(getattr(port, "port", "serial"))
 
     @classmethod
-    def open(cls, url: str, *, baudrate: int = 115200, timeout_s: float = 5.0) -> PortLink:
-        """Open a pyserial URL: a device path, ``socket://HOST:PORT`` or ``rfc2217://``."""
+    def open(
+        cls, url: str, *, baudrate: int = 115200, timeout_s: float = 5.0
+    ) -> PortLink | SocketLink:
+        """Open a pyserial URL: a device path, ``socket://HOST:PORT`` (a plain TCP socket,
+        see :class:`SocketLink`) or ``rfc2217://``."""
+        if url.startswith("socket://"):
+            return SocketLink.open(url, timeout_s=timeout_s)
         import serial  # noqa: PLC0415 - optional at import time, needed only to open a port
 
         try:
@@ -112,6 +121,71 @@ class PortLink:
             self._port.close()
         except Exception as e:  # closing must not raise
             log.debug("closing %s: %s", self.name, e)
+
+
+class SocketLink:
+    """A serial console reached over TCP (``socket://HOST:PORT``: ser2net, a console server,
+    QEMU's ``-serial tcp:``), as a :class:`ByteLink` with a push-back buffer.
+
+    pyserial's ``socket://`` handler discards what arrives while it connects (a banner sent at
+    once is lost) and reports one waiting byte at most, so each read would take two bytes;
+    this reads the socket directly instead.
+    """
+
+    def __init__(self, sock: socket.socket, *, name: str) -> None:
+        self._sock = sock
+        self._pending = b""
+        self.name = name
+
+    @classmethod
+    def open(cls, url: str, *, timeout_s: float = 5.0) -> SocketLink:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as e:
+            raise TransportError(f"cannot open the console {url}: {e}") from e
+        if not host or port is None:
+            raise TransportError(f"cannot open the console {url}: give HOST:PORT")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as e:
+            raise TransportError(
+                f"cannot open the console {url}: {e.strerror or e}",
+                hint="check the cable or address, and that nothing else holds the port",
+            ) from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(sock, name=url)
+
+    def read(self, n: int, timeout_s: float) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:n], self._pending[n:]
+            return data
+        try:
+            ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout_s))
+            if not ready:
+                return b""
+            data = self._sock.recv(n)
+        except OSError as e:
+            raise TransportError(f"the console {self.name} failed while reading: {e}") from e
+        if not data:
+            raise TransportError(
+                f"the console {self.name} closed the connection",
+                hint="the console server or the device went away; check it and retry",
+            )
+        return data
+
+    def unread(self, data: bytes) -> None:
+        self._pending = data + self._pending
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise TransportError(f"the console {self.name} failed while writing: {e}") from e
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
 
 class ConsoleState(enum.Enum):
@@ -577,5 +651,6 @@ __all__ = [
     "ConsoleOptions",
     "ConsoleState",
     "PortLink",
+    "SocketLink",
     "transition",
 ]

@@ -64,7 +64,12 @@ from unbrick.transports.uboot.console import (
     ConsoleState,
     PortLink,
 )
-from unbrick.transports.uboot.netxfer import NetConfig, SessionServer, parse_tftp_transfer
+from unbrick.transports.uboot.netxfer import (
+    NetConfig,
+    NetworkError,
+    SessionServer,
+    parse_tftp_transfer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +553,8 @@ class DriverStats:
     #: Why the network was given up for this session (the serial line took over).
     net_failure: str = ""
     fill_hits: int = 0
+    #: Digests (sha256, md5) the device computed itself with hash/md5sum.
+    device_digests: int = 0
     shadow_hits: int = 0
     #: Bytes not sent because the device already held them (blank ranges).
     skipped_bytes: int = 0
@@ -603,6 +610,8 @@ class UBootDriver:
         self._fills_ready = False
         self._byteorder: str | None = None
         self._scanned: set[str] = set()
+        #: Digests U-Boot failed to compute here (hash not compiled in): host-side from now.
+        self._no_native: set[str] = set()
         self._net: SessionServer | None = None
         #: The server port the device's environment was set up for (lost at every reset).
         self._net_env_port: int | None = None
@@ -990,41 +999,95 @@ class UBootDriver:
     # -- DeviceHash -------------------------------------------------------------------------
 
     def device_hash(self, offset: int, length: int, algorithm: str = "sha256") -> str:
-        """``crc32``: the device's CRC-32 of the range. ``sha256``: the SHA-256 of the bytes
-        the device's CRC-32 confirms (known bytes, else read back)."""
-        if algorithm not in ("sha256", "crc32"):
-            raise UsageError(f"U-Boot cannot hash with {algorithm!r}", hint="use sha256 or crc32")
-        digest = hashlib.sha256()
+        """``crc32``: the device's CRC-32 of the range. ``sha256``/``md5``/``sha1``: the
+        device's own digest where U-Boot has ``hash``/``md5sum`` and the range is one piece
+        in RAM or on NOR; otherwise the digest of the bytes the device's CRC-32 confirms
+        (known bytes, else read back)."""
+        if algorithm not in ("sha256", "crc32", "md5", "sha1"):
+            raise UsageError(
+                f"U-Boot cannot hash with {algorithm!r}", hint="use sha256, md5, sha1 or crc32"
+            )
+        pieces = [
+            (win, off + pos, min(self._hash_step(win, n), n - pos))
+            for win, off, n in self.storage_map.split(offset, length)
+            for pos in range(0, n, self._hash_step(win, n))
+        ]
+        if algorithm != "crc32" and len(pieces) == 1 and self._native_hash(algorithm):
+            win, off, n = pieces[0]
+            native = self._device_digest(self._stage_addr(win, off, n), n, algorithm)
+            if native is not None:
+                return native
+        digest = hashlib.new(algorithm if algorithm != "crc32" else "sha256")
         crc = 0
-        for win, off, n in self.storage_map.split(offset, length):
-            step = self.ram.stage_bytes - win.unit if win.kind != "nor" else n
-            for pos in range(0, n, step):
-                k = min(step, n - pos)
-                start = win.start + off + pos
-                device_crc = self._device_crc(win, off + pos, k)
-                if algorithm == "crc32":
-                    crc = P.crc32_combine(crc, device_crc, k)
-                    continue
-                known = self.shadow.get(start, k)
-                if known is not None and zlib.crc32(known) == device_crc:
-                    self.stats.shadow_hits += 1
-                else:
-                    known = self.read(start, k)
-                    if zlib.crc32(known) != device_crc:
-                        raise TransportError(
-                            f"the device changed while 0x{start:x}+0x{k:x} was hashed",
-                            hint="retry; if it repeats, the storage does not read back stably",
-                        )
-                digest.update(known)
+        for win, off, k in pieces:
+            start = win.start + off
+            device_crc = self._device_crc(win, off, k)
+            if algorithm == "crc32":
+                crc = P.crc32_combine(crc, device_crc, k)
+                continue
+            known = self.shadow.get(start, k)
+            if known is not None and zlib.crc32(known) == device_crc:
+                self.stats.shadow_hits += 1
+            else:
+                known = self.read(start, k)
+                if zlib.crc32(known) != device_crc:
+                    raise TransportError(
+                        f"the device changed while 0x{start:x}+0x{k:x} was hashed",
+                        hint="retry; if it repeats, the storage does not read back stably",
+                    )
+            digest.update(known)
         return f"{crc:08x}" if algorithm == "crc32" else digest.hexdigest()
 
-    def _device_crc(self, win: Window, offset: int, length: int) -> int:
+    def _hash_step(self, win: Window, n: int) -> int:
+        return self.ram.stage_bytes - win.unit if win.kind != "nor" else max(n, 1)
+
+    def _native_hash(self, algorithm: str) -> str | None:
+        """The command that computes ``algorithm`` on the device, if U-Boot has one that has
+        not failed in this session."""
+        if algorithm in self._no_native:
+            return None
+        commands = self.probe.commands
+        if algorithm == "md5" and "md5sum" in commands:
+            return "md5sum"
+        if "hash" in commands:
+            return f"hash {algorithm}"
+        return None
+
+    def _device_digest(self, address: int, length: int, algorithm: str) -> str | None:
+        command = self._native_hash(algorithm)
+        if command is None:
+            return None
+        out = self._run(
+            f"{command} 0x{address:x} 0x{length:x}", check=False, timeout_s=self._t(length, 0.05)
+        )
+        try:
+            res = P.parse_digest(out.output, algorithm)
+        except P.UBootParseError:
+            # "Unknown command", or the algorithm is not compiled in: not again this session.
+            log.info("%s: U-Boot cannot %r here; hashing on the host", self.address, command)
+            self._no_native.add(algorithm)
+            return None
+        if res.start != address or res.length != length:
+            raise P.UBootParseError(
+                f"{command} answered for 0x{res.start:x}+0x{res.length:x}, "
+                f"not 0x{address:x}+0x{length:x}"
+            )
+        self.stats.device_digests += 1
+        return res.hexdigest
+
+    def _stage_addr(self, win: Window, offset: int, length: int) -> int:
+        """The CPU address that holds the window's bytes (staged in RAM where needed)."""
         if win.kind in M.MTD_KINDS:
-            return self._mtd().crc32(win.base + offset, length)
+            return self._mtd().stage(win.base + offset, length)
         if win.kind == "block":
             addr, _ = self._block_read(win, offset, length)
-            return self._crc32(addr, length)
-        return self._crc32(win.base + offset, length)
+            return addr
+        return win.base + offset
+
+    def _device_crc(self, win: Window, offset: int, length: int) -> int:
+        if length <= 0:
+            return 0
+        return self._crc32(self._stage_addr(win, offset, length), length)
 
     # -- FlashErase -------------------------------------------------------------------------
 
@@ -1350,6 +1413,10 @@ class UBootDriver:
                         self.stats.net_loads += 1
                     return
                 errors.append(TransportError(f"crc32 {got:08x} in RAM, {want:08x} sent"))
+            except NetworkError as e:
+                errors.append(e)
+                self.console.abort_transfer()
+                break  # the network gave up after its own retries: do not wait twice
             except TransportError as e:
                 errors.append(e)
                 self.console.abort_transfer()
@@ -1357,8 +1424,9 @@ class UBootDriver:
             log.warning("transfer to RAM failed (attempt %d): %s", attempt + 1, errors[-1])
         first, again = errors[0].message, errors[-1].message
         command = "tftpboot" if method == "tftp" else method
+        times = "twice" if len(errors) > 1 else "once"
         raise TransportError(
-            f"'{command} 0x{addr:x}' of {len(data)} bytes failed twice: {first}"
+            f"'{command} 0x{addr:x}' of {len(data)} bytes failed {times}: {first}"
             + ("" if again == first else f"; then: {again}"),
             hint="check the cable and the baud rate; transfers are checked and safe to retry"
             if method != "tftp"

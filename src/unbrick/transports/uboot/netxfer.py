@@ -136,6 +136,13 @@ class NetConfig:
         return pairs
 
 
+class NetworkError(TransportError):
+    """U-Boot's network gave up (timeouts, no link, no server): trying again the same way
+    takes as long and fails the same way."""
+
+    default_hint = "check the network cable, serverip/ipaddr and that port 69 is not firewalled"
+
+
 def parse_tftp_transfer(text: str) -> int:
     """Bytes a ``tftpboot``/``tftpput`` moved (``Bytes transferred = N (hex)``); the device's
     error line otherwise."""
@@ -147,7 +154,7 @@ def parse_tftp_transfer(text: str) -> int:
             raise UBootParseError(f"garbled transfer count {done.group(0)!r}")
         return count
     if error is not None:
-        raise TransportError(f"U-Boot: {error.group(0).strip()}")
+        raise NetworkError(f"U-Boot: {error.group(0).strip()}")
     raise UBootParseError("no 'Bytes transferred' line after the TFTP transfer")
 
 
@@ -231,6 +238,7 @@ __all__ = [
     "DEFAULT_WINDOWSIZE",
     "UBOOT_MAX_BLKSIZE",
     "NetConfig",
+    "NetworkError",
     "SessionServer",
     "parse_tftp_transfer",
 ]

@@ -531,6 +531,36 @@ def parse_crc32(text: str) -> Crc32Result:
     raise UBootParseError(f"no crc32 result in the answer {_short(text)!r}")
 
 
+#: Digest lengths (hex digits) of the algorithms U-Boot's ``hash``/``md5sum`` print.
+DIGEST_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
+_DIGEST = re.compile(
+    r"^(md5|sha1|sha256|sha512) for (?:0x)?([0-9a-fA-F]{1,16}) \.\.\. (?:0x)?([0-9a-fA-F]{1,16}) "
+    r"==> ([0-9a-fA-F]+)\s*$"
+)
+
+
+@dataclass(frozen=True)
+class DigestResult:
+    """``md5sum``/``hash ALGO``: "sha256 for 40000000 ... 4003ffff ==> 3b8e..."."""
+
+    algorithm: str
+    start: int
+    length: int
+    hexdigest: str
+
+
+def parse_digest(text: str, algorithm: str) -> DigestResult:
+    """The ``ALGO for START ... END ==> HEX`` line of ``md5sum`` or ``hash ALGO``."""
+    for line in _lines(text):
+        m = _DIGEST.match(line.strip())
+        if m and m.group(1) == algorithm:
+            start, end, digest = int(m.group(2), 16), int(m.group(3), 16), m.group(4).lower()
+            if len(digest) != DIGEST_HEX[algorithm] or end < start:
+                raise UBootParseError(f"garbled {algorithm} result {line.strip()!r}")
+            return DigestResult(algorithm, start, end - start + 1, digest)
+    raise UBootParseError(f"no {algorithm} result in the answer {_short(text)!r}")
+
+
 @dataclass(frozen=True)
 class CmpResult:
     """``cmp[.b|.w|.l|.q] A B COUNT``: how many units matched before the first difference."""
@@ -1068,12 +1098,14 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
 
 __all__ = [
     "AUTOBOOT_PATTERN",
+    "DIGEST_HEX",
     "MD_LINE_BYTES",
     "BlockDevice",
     "BlockTransfer",
     "BoardInfo",
     "CmpResult",
     "Crc32Result",
+    "DigestResult",
     "FlashBank",
     "FlashSector",
     "LoadResult",
@@ -1095,6 +1127,7 @@ __all__ = [
     "parse_blk_transfer",
     "parse_cmp",
     "parse_crc32",
+    "parse_digest",
     "parse_flinfo",
     "parse_help",
     "parse_load_result",
