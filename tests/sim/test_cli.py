@@ -20,7 +20,7 @@ from unbrick.transports.sim import SimDriver, open_sim
 
 LINE = (
     "sim {name} ({kind}) listening on 127.0.0.1:{port}, spi 127.0.0.1:{spi}, "
-    "console 127.0.0.1:{console}"
+    "console 127.0.0.1:{console}, tftp 127.0.0.1:{tftp}"
 )
 
 
@@ -91,6 +91,7 @@ def test_sim_runs_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             port=entry["port"],
             spi=entry["spi_port"],
             console=entry["console_port"],
+            tftp=entry["tftp_port"],
         )
         assert (entry["host"], entry["pid"], entry["kind"]) == ("127.0.0.1", proc.pid, "router")
         drv = _open(tmp_path, "c1")

@@ -865,7 +865,7 @@ def test_the_sim_command_prints_and_registers_the_console_port(tmp_path: Path) -
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
         entry = json.loads((tmp_path / "reg" / "cc.json").read_text())
-        assert line.endswith(f", console 127.0.0.1:{entry['console_port']}")
+        assert f", console 127.0.0.1:{entry['console_port']}, tftp 127.0.0.1:" in line
         t = Term(entry["console_port"])
         t.stop_autoboot()
         assert t.run("printenv board_name") == "board_name=SimRouter\r\n"

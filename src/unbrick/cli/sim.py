@@ -1,7 +1,8 @@
 """``unbrick sim KIND --name NAME``: run a simulated device in the foreground.
 
 The simulator serves the device's recovery interface, its SPI face and its serial console (as
-U-Boot shows it: ``uboot+tcp://HOST:CONSOLE_PORT``) on TCP, publishes
+U-Boot shows it: ``uboot+tcp://HOST:CONSOLE_PORT``) on TCP, the bootloader's TFTP recovery
+server on UDP (``unbrick tftp put HOST:TFTP_PORT IMAGE`` while it is in recovery), publishes
 ``REGISTRY/NAME.json`` so that ``sim://NAME`` finds it, and runs until SIGTERM or SIGINT, when
 it stops cleanly and removes the registry file. The device's flash and config persist in the
 state directory between runs.
@@ -204,11 +205,13 @@ def sim(
                 os.getpid(),
                 kind,
                 console_port=ports.console_port,
+                tftp_port=ports.tftp_port,
             ),
         )
         click.echo(
             f"sim {name} ({kind}) listening on {ports.host}:{ports.port}, "
-            f"spi {ports.host}:{ports.spi_port}, console {ports.host}:{ports.console_port}"
+            f"spi {ports.host}:{ports.spi_port}, console {ports.host}:{ports.console_port}, "
+            f"tftp {ports.host}:{ports.tftp_port}"
         )
         sys.stdout.flush()
         while not stop.wait(0.5):

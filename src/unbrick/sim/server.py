@@ -12,6 +12,10 @@ The console face (:mod:`unbrick.sim.uboot_face`) is the device's serial console 
 it; it accepts connections in every state (a UART is always there), one terminal at a time (a
 new connection takes over from the previous one). A reset keeps the terminal attached (it shows
 the new banner); a power cut drops it, as it drops the other faces' clients.
+
+The TFTP face (:mod:`unbrick.sim.tftp_face`) is the bootloader's TFTP recovery server on a UDP
+port of the same host: it takes one firmware image by ``put`` while the device is in its
+bootloader, checks it, writes it and restarts the device.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from unbrick.errors import DeviceError, UnbrickError
 from unbrick.sim.device import Faults, SimDevice
 from unbrick.sim.flash import MAX_OP_BYTES, PowerLoss
+from unbrick.sim.tftp_face import TftpFace, TftpFaceConfig
 from unbrick.sim.uboot_face import ConsoleConfig, UBootFace
 from unbrick.transports.simproto import (
     PROTOCOL_VERSION,
@@ -59,6 +64,8 @@ class ServerPorts:
     port: int
     spi_port: int
     console_port: int = 0
+    #: UDP port of the TFTP recovery face.
+    tftp_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ class _Reply:
 
 
 class SimServer:
-    """Serves one device on two TCP listeners; several clients at once; ``stop()`` is clean."""
+    """Serves one device on three TCP listeners (generic, SPI, console) and one UDP port (the
+    TFTP recovery face); several clients at once; ``stop()`` is clean."""
 
     def __init__(
         self,
@@ -79,8 +87,10 @@ class SimServer:
         *,
         spi_port: int = 0,
         console_port: int = 0,
+        tftp_port: int = 0,
         max_transfer: int = MAX_OP_BYTES,
         console: ConsoleConfig | None = None,
+        tftp: TftpFaceConfig | None = None,
     ) -> None:
         self.device = device
         self.host = host
@@ -98,6 +108,7 @@ class SimServer:
         self._rng_faults: Faults = device.faults
         self._rng_lock = threading.Lock()
         self.console = UBootFace(device, console, stopping=self._stopping)
+        self.tftp = TftpFace(device, host, tftp_port, tftp, stopping=self._stopping)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -114,6 +125,7 @@ class SimServer:
             generic = self._listen(self.port)
             spi = self._listen(self.spi_port)
             console = self._listen(self.console_port)
+            tftp_port = self.tftp.start()
         except OSError as e:
             for s in self._listeners:
                 s.close()
@@ -122,7 +134,11 @@ class SimServer:
                 f"cannot listen on {self.host}: {e.strerror}", hint="pick another port"
             ) from e
         self._ports = ServerPorts(
-            self.host, generic.getsockname()[1], spi.getsockname()[1], console.getsockname()[1]
+            self.host,
+            generic.getsockname()[1],
+            spi.getsockname()[1],
+            console.getsockname()[1],
+            tftp_port,
         )
         self.device.add_power_listener(self._on_power_loss)
         for sock, face in ((generic, GENERIC), (spi, SPI), (console, CONSOLE)):
@@ -153,6 +169,7 @@ class SimServer:
         self.device.remove_power_listener(self._on_power_loss)
         for sock in self._listeners:
             sock.close()
+        self.tftp.stop(timeout_s)
         self._drop_all()
         with self._lock:
             threads = list(self._threads)

@@ -2,7 +2,8 @@
 
 ``sim://NAME`` is resolved through a registry directory where each running simulator keeps
 ``NAME.json`` (``{"host", "port", "spi_port", "pid", "kind"}``, and ``"console_port"`` of the
-serial console face when the simulator has one). The directory is ``?dir=`` in
+serial console face and ``"tftp_port"`` of the TFTP recovery face, a UDP port, when the
+simulator has them). The directory is ``?dir=`` in
 the URI, else the ``registry_dir`` given to :func:`open_sim`, else :func:`default_registry_dir`.
 ``sim://NAME?via=spi`` opens the SPI face (a clip-on programmer on the flash chip: chip id,
 read, erase, program; no reboot).
@@ -63,6 +64,8 @@ class RegistryEntry:
     kind: str
     #: The U-Boot-like serial console (``uboot+tcp://HOST:PORT``); None in older registries.
     console_port: int | None = None
+    #: The bootloader's TFTP recovery server (UDP); None in older registries.
+    tftp_port: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -74,6 +77,8 @@ class RegistryEntry:
         }
         if self.console_port is not None:
             d["console_port"] = self.console_port
+        if self.tftp_port is not None:
+            d["tftp_port"] = self.tftp_port
         return d
 
 
@@ -110,6 +115,7 @@ def read_registry(registry_dir: Path, name: str) -> RegistryEntry:
             pid=int(d["pid"]),
             kind=str(d["kind"]),
             console_port=int(d["console_port"]) if d.get("console_port") is not None else None,
+            tftp_port=int(d["tftp_port"]) if d.get("tftp_port") is not None else None,
         )
     except (ValueError, KeyError, TypeError) as e:
         raise TransportError(f"registry file {path} is damaged: {e}", hint=hint) from e
