@@ -137,7 +137,7 @@ def start_sim(
     print(f"  {line}", flush=True)
     if "listening" not in line or "console " not in line:
         raise SystemExit("demo: the simulator did not start")
-    return proc, line.rsplit("console ", 1)[1].split()[0]
+    return proc, line.rsplit("console ", 1)[1].split()[0].rstrip(",")
 
 
 def rescue_story() -> None:
@@ -216,10 +216,12 @@ def console_story(fw: Path) -> None:
     )
     # The router reaches this computer's TFTP server at serverip; U-Boot pulls each piece
     # of the image with tftpboot (unbrick's own server, for this session only).
+    # (The profile supplies the rest: the firmware shares the boot flash at address 0, and
+    # the backup covers what is overwritten.)
     net = "serverip=127.0.0.1&ipaddr=127.0.0.1&tftp_listen=127.0.0.1:0"
-    uri = f"uboot+tcp://{console}?boot_bank=on&{net}"
+    uri = f"uboot+tcp://{console}?{net}"
     try:
-        unbrick("device", "probe", uri, expect=0)
+        unbrick("device", "probe", uri, "--profile", "sim-router", expect=0)
         say("The repair at the U-Boot prompt: tftpboot, crc32, erase, cp.b, cmp, reset")
         unbrick(
             "flash",
@@ -229,8 +231,6 @@ def console_story(fw: Path) -> None:
             "sim-router",
             "--partition",
             "firmware",
-            "--backup-scope",
-            "target",
             "--yes",
             expect=0,
         )
