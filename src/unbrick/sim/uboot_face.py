@@ -20,12 +20,14 @@ Address map (32-bit, like a small ARM router):
   cycles are not modelled) are ignored.
 
 Commands: version, bdinfo, printenv, setenv, saveenv, run, echo, true, false, help, reset,
-boot/bootd, flinfo, protect, erase, cp, md, mw, crc32, cmp, loadx, loady, tftpboot, tftpput,
-bootm, iminfo, and sf or nand, and mtd, by flash type; the formats of their output and of
-their errors are U-Boot 2023.01's. Flash writes go through the device (NOR rules and power-cut
-faults apply); like U-Boot's CFI driver, ``cp`` to flash refuses a write buffer that needs a 0
-bit to become 1 (``Flash not Erased``), so copying over data that was not erased leaves a mix
-of old and new data, which ``crc32`` shows.
+boot/bootd, flinfo, protect, erase, cp, md, mw, crc32, md5sum, hash, cmp, loadx, loady,
+tftpboot, tftpput, bootm, iminfo, and sf or nand, and mtd, by flash type; the formats of their
+output and of their errors are U-Boot 2023.01's. ``md5sum`` and ``hash`` (crc32, md5, sha1,
+sha256; ``-v`` verifies) are compiled into many vendor builds but not into Debian's QEMU
+builds: ``ConsoleConfig(hash_commands=())`` presents a U-Boot without them. Flash writes go
+through the device (NOR rules and power-cut faults apply); like U-Boot's CFI driver, ``cp`` to
+flash refuses a write buffer that needs a 0 bit to become 1 (``Flash not Erased``), so copying
+over data that was not erased leaves a mix of old and new data, which ``crc32`` shows.
 :class:`ConsoleConfig` can make flash writes store a flipped bit (``corrupt_writes``).
 
 The console follows the device: each power-on is played once to the terminal (a boot that
@@ -40,6 +42,7 @@ simulated (the device then restarts and boots from flash).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import select
 import socket
@@ -99,6 +102,11 @@ _PAGE = 64 * 1024
 _USAGE = -1
 _CTRL_C = "\x03"
 _LEGACY = struct.Struct(">7I4B32s")
+#: U-Boot's optional digest commands the console can offer.
+HASH_COMMANDS = ("md5sum", "hash")
+#: Algorithms of ``hash`` (common/hash.c) and their digest sizes in bytes.
+HASH_ALGORITHMS = {"sha1": 20, "sha256": 32, "crc32": 4, "md5": 16}
+_HASH_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,9 @@ class ConsoleConfig:
     #: ``nand write``, ``mtd write``, ``cp`` to flash) store one bit flipped (a marginal cell);
     #: ``nand write`` notices it in its read-back, the others do not.
     corrupt_writes: int = 0
+    #: Which of U-Boot's optional digest commands the build has (``md5sum``, ``hash``); ``()``
+    #: is a U-Boot with ``crc32`` only, like Debian's QEMU builds.
+    hash_commands: tuple[str, ...] = HASH_COMMANDS
 
     def __post_init__(self) -> None:
         if self.autoboot_delay_s is not None and self.autoboot_delay_s < 0:
@@ -126,6 +137,11 @@ class ConsoleConfig:
             raise UsageError("the greeting delay and corrupt_writes must not be negative")
         if self.xmodem_poll_s <= 0 or self.xmodem_timeout_s <= 0:
             raise UsageError("XMODEM poll and timeout must be positive")
+        unknown = sorted(set(self.hash_commands) - set(HASH_COMMANDS))
+        if unknown:
+            raise UsageError(
+                f"unknown hash commands {unknown}", hint=f"choose from {', '.join(HASH_COMMANDS)}"
+            )
 
 
 class _Closed(Exception):
@@ -851,6 +867,12 @@ class UBootFace:
             ("true", "do nothing, successfully", "", True, lambda a, s, r: 0),
             ("version", "print monitor, compiler and linker version", "", True, self._version),
         ]  # fmt: skip
+        if "md5sum" in self.config.hash_commands:
+            table.append(
+                ("md5sum", "compute MD5 message digest", _MD5SUM_USAGE, True, self._md5sum)
+            )
+        if "hash" in self.config.hash_commands:
+            table.append(("hash", "compute hash message digest", _HASH_USAGE, True, self._hash))
         kind = self.device.config.geometry.type
         if kind == "spi-nor":
             table.append(("sf", "SPI flash sub-system", SF_USAGE, True, self._mtd.sf))
@@ -1177,6 +1199,75 @@ class UBootFace:
         if len(args) > 2:
             self._write_ram(parse_hex(args[2]), crc.to_bytes(4, "big"))
         return 0
+
+    def _md5sum(self, args: list[str], size: int | None, repeat: bool) -> int:
+        verify = bool(args) and args[0] == "-v"
+        if verify:
+            args = args[1:]
+        if len(args) < 2 or (verify and len(args) < 3):
+            return _USAGE
+        return self._hash_command("md5", args, verify)
+
+    def _hash(self, args: list[str], size: int | None, repeat: bool) -> int:
+        verify = bool(args) and args[0] == "-v"
+        if verify:
+            args = args[1:]
+        if len(args) < 3 or (verify and len(args) < 4):
+            return _USAGE
+        return self._hash_command(args[0].lower(), args[1:], verify)
+
+    def _digest(self, algorithm: str, address: int, length: int) -> bytes:
+        """The digest of memory as the CPU sees it (RAM, CFI flash, zeros elsewhere)."""
+        if algorithm == "crc32":
+            crc = 0
+            for pos in range(0, length, _HASH_CHUNK):
+                crc = zlib.crc32(self._read_mem(address + pos, min(_HASH_CHUNK, length - pos)), crc)
+            return crc.to_bytes(4, "big")
+        h = hashlib.new(algorithm)
+        for pos in range(0, length, _HASH_CHUNK):
+            h.update(self._read_mem(address + pos, min(_HASH_CHUNK, length - pos)))
+        return h.digest()
+
+    def _hash_command(self, algorithm: str, args: list[str], verify: bool) -> int:
+        """common/hash.c's ``hash_command``: ``ADDR LEN [[*]dest]``, or with ``verify``
+        ``ADDR LEN [*]expected``; ``dest``/``expected`` name an environment variable, or with
+        ``*`` a memory address (an ``expected`` of exactly the digest's hex length is the
+        digest itself)."""
+        size = HASH_ALGORITHMS.get(algorithm)
+        if size is None:
+            self._say(f"Unknown hash algorithm '{algorithm}'\n")
+            return _USAGE
+        address, length = parse_hex(args[0]), parse_hex(args[1])
+        digest = self._digest(algorithm, address, length)
+        end = (address + length - 1) & 0xFFFFFFFF
+        shown = f"{algorithm} for {address:08x} ... {end:08x} ==> {digest.hex()}"
+        if not verify:
+            self._say(shown + "\n")
+            if len(args) > 2:
+                dest = args[2]
+                if dest.startswith("*"):
+                    self._write_ram(parse_hex(dest[1:]), digest)
+                else:
+                    self._s.env[dest] = digest.hex()
+            return 0
+        expected = self._expected_digest(args[2], size)
+        if expected is None:
+            self._say(f"ERROR: {args[2]} does not contain a valid {algorithm} sum\n")
+            return 1
+        if expected != digest:
+            self._say(f"{shown} != {expected.hex()} ** ERROR **\n")
+            return 1
+        return 0
+
+    def _expected_digest(self, text: str, size: int) -> bytes | None:
+        if text.startswith("*"):
+            return self._read_mem(parse_hex(text[1:]), size)
+        value = text if len(text) == 2 * size else self._s.env.get(text)
+        if value is None or len(value) != 2 * size:
+            self._say(f"Expected {2 * size} hex digits in env var\n")
+            return None
+        # U-Boot reads each pair with simple_strtoul: a non-hex pair reads as its hex prefix.
+        return bytes(parse_hex(value[i : i + 2]) for i in range(0, 2 * size, 2))
 
     def _cmp(self, args: list[str], size: int | None, repeat: bool) -> int:
         if size == 0:
@@ -1562,6 +1653,17 @@ class UBootFace:
 
 
 _CRC32_USAGE = "address count [addr]\n    - compute CRC32 checksum [save at addr]"
+_MD5SUM_USAGE = (
+    "address count [[*]sum]\n    - compute MD5 message digest [save to sum]\n"
+    "md5sum -v address count [*]sum\n    - verify md5sum of memory area"
+)
+_HASH_USAGE = (
+    "algorithm address count [[*]hash_dest]\n"
+    "    - compute message digest [save to env var / *address]\n"
+    "hash -v algorithm address count [*]hash\n"
+    "    - verify message digest of memory area to immediate value, \n"
+    "      env var or *address"
+)
 _LOAD_USAGE = (
     "[ addr [ baud ] ]\n    - load binary file over serial line at address 'addr' with "
     "baudrate 'baud'"
