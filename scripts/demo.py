@@ -7,7 +7,9 @@
 3. A second router, whose firmware is corrupt, is repaired the way most real routers are: on
    its serial console, at the U-Boot prompt (`uboot+tcp://`), with the image pulled by the
    router's `tftpboot` from unbrick's own TFTP server and checked with U-Boot's `crc32`.
-4. A few firmware files are inspected, verified and converted.
+4. A third router, held in recovery, takes the image from unbrick's TFTP client (`unbrick tftp
+   put`) through its bootloader's TFTP server, checks it, writes it and boots it.
+5. A few firmware files are inspected, verified and converted.
 
 Everything runs through the real `unbrick` command line, with its state in demo-out/. The demo
 stops with a non-zero status if any outcome differs from the expected one.
@@ -19,6 +21,7 @@ import base64
 import contextlib
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -239,6 +242,27 @@ def console_story(fw: Path) -> None:
         sim.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             sim.wait(timeout=10)
+    recovery_server_story(fw)
+
+
+def recovery_server_story(fw: Path) -> None:
+    say("A third router: held in recovery, its bootloader runs a TFTP server")
+    sim, _ = start_sim("desk-router", OUT / "sims", extra=("--brick", "soft"))
+    tftp = sim_line_port(OUT / "sims" / "desk-router.json", "tftp_port")
+    try:
+        # The router checks the image (CRCs, model, anti-rollback) before its last ACK,
+        # writes it and boots it.
+        unbrick("tftp", "put", f"127.0.0.1:{tftp}", str(fw), "firmware.bin", expect=0)
+        time.sleep(2.0)
+        unbrick("device", "probe", "sim://desk-router", expect=0)
+    finally:
+        sim.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sim.wait(timeout=10)
+
+
+def sim_line_port(registry_entry: Path, key: str) -> int:
+    return int(json.loads(registry_entry.read_text())[key])
 
 
 def main() -> int:

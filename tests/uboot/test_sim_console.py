@@ -7,8 +7,9 @@ boot control through U-Boot's bootcount scheme (``upgrade_available``, ``bootcou
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,9 @@ def router_ab(tmp_path: Path) -> Iterator[Sim]:
     yield from _sim(tmp_path, "router-ab")
 
 
-def _sim(tmp: Path, kind: str) -> Iterator[Sim]:
+def _sim(tmp: Path, kind: str, console: ConsoleConfig = QUICK) -> Iterator[Sim]:
     dev = create_device(kind, tmp / "state", kind, faults=FAST)
-    server = SimServer(dev, console=QUICK)
+    server = SimServer(dev, console=console)
     server.start()
     try:
         yield Sim(dev, server, tmp)
@@ -191,3 +192,22 @@ def test_boot_control_is_refused_where_the_environment_has_no_slots(router: Sim)
         assert Capability.BOOT_CONTROL not in drv.capabilities
         with pytest.raises(DeviceError, match="no A/B boot control"):
             drv.boot_state()
+
+
+@pytest.mark.parametrize("commands", [("md5sum", "hash"), ()])
+def test_device_hashes_come_from_the_device_where_uboot_can_compute_them(
+    tmp_path: Path, commands: tuple[str, ...]
+) -> None:
+    config = replace(QUICK, hash_commands=commands)
+    for sim in _sim(tmp_path, "router", config):
+        region = sim.device.config.find_region("firmware")
+        assert region is not None
+        data = sim.device.spi_read(region.offset, 0x10000)
+        with open_uboot(parse_device_uri(sim.uri("boot_bank=on")), timeout_s=20) as drv:
+            assert drv.device_hash(region.offset, 0x10000) == hashlib.sha256(data).hexdigest()
+            assert drv.device_hash(region.offset, 0x10000, "md5") == hashlib.md5(data).hexdigest()
+            assert drv.device_hash(region.offset, 0x10000, "crc32") == f"{zlib.crc32(data):08x}"
+            # With hash/md5sum the device computes the digests; without, the host does, from
+            # bytes read back and confirmed by the device's crc32.
+            assert drv.stats.device_digests == (2 if commands else 0)
+            assert (drv.stats.dumps > 0) == (not commands)
