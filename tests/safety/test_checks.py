@@ -117,15 +117,14 @@ def test_image_integrity() -> None:
     # Only a manifest's sha256: passes when it matches.
     ctx = base_ctx(integrity=IntegrityFacts(), manifest=manifest(sha256=SHA))
     assert check(ctx, "image.integrity") == (True, "image verified by manifest sha256")
-    # Nothing requested: refused, not overridable, as a pre-flight error (nothing was wrong yet).
+    # Nothing requested: passes, saying the image goes unchecked (recorded in the detail).
     ctx = base_ctx(integrity=IntegrityFacts())
     result = run_preflight(ctx)
     r = result.get("image.integrity")
-    assert not r.passed and not r.overridable
-    assert "no checksum or signature" in r.message
-    err = result.refusal()
-    assert isinstance(err, PreflightError) and err.check_id == "image.integrity"
-    assert err.exit_code == 3
+    assert r.passed and not r.overridable
+    assert "no checksum or signature given: the image is flashed unchecked" in r.message
+    assert r.detail["unchecked"] is True
+    assert result.refusal() is None
     # A wrong checksum: IntegrityError (exit 4).
     ctx = base_ctx(integrity=IntegrityFacts((IntegrityCheckFacts("sha256", False, "mismatch"),)))
     err = run_preflight(ctx).refusal()

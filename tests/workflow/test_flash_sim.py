@@ -142,9 +142,23 @@ def test_forced_check_is_recorded(bench: Bench) -> None:
     assert "RMA 1234" in RepairLog.from_store(wb.store, result.job_id).to_markdown()
 
 
-def test_no_integrity_source_is_refused(bench: Bench) -> None:
-    fw = bench.firmware("2.0.0", manifest=False)
-    _refused(bench, bench.request(fw), PreflightError, "image.integrity", 3)
+def test_an_image_without_checksum_or_signature_is_flashed_and_recorded_as_unchecked(
+    bench: Bench,
+) -> None:
+    fw = bench.firmware("2.0.0")
+    # The manifest still declares the security version (the device has a rollback counter),
+    # but carries no sha256: nothing checks the bytes.
+    sidecar = fw.with_name(fw.name + ".manifest.toml")
+    lines = sidecar.read_text().splitlines()
+    sidecar.write_text("\n".join(x for x in lines if not x.startswith("sha256")) + "\n")
+    wb = bench.workbench()
+    result = wb.flash(bench.uri, bench.request(fw))
+    assert result.outcome == "success"
+    job = wb.store.get_job(result.job_id)
+    checks = {c["id"]: c for c in job.plan["checks"]}
+    assert checks["image.integrity"]["passed"] is True
+    assert checks["image.integrity"]["detail"]["unchecked"] is True
+    assert "flashed unchecked" in checks["image.integrity"]["message"]
 
 
 def test_dry_run_writes_nothing(bench: Bench) -> None:

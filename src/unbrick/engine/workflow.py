@@ -1076,7 +1076,10 @@ class Workbench:
             raise JobError(f"job {job_id} is a {job.kind} job; only flash jobs resume")
         profile_id = job.options.get("profile")
         address = self._address(job.device_uri, str(profile_id) if profile_id else None)
-        with self._device(address) as dev:
+        profile = self.profiles.find(str(profile_id)) if profile_id else None
+        # A job cut during its reboot finds the device still starting: wait for it a while.
+        wait_s = profile.recovery.wait_s if profile is not None else 0.0
+        with self._device(address, wait_s=wait_s) as dev:
             identity = cast(Identify, dev).identify()
             recorded = DeviceIdentity.from_dict(job.device_identity)
             if not identity.same_device(recorded):
@@ -1165,8 +1168,19 @@ class Workbench:
         return address.with_defaults(profile.link_params(address.protocol))
 
     @contextlib.contextmanager
-    def _device(self, address: DeviceAddress) -> Iterator[Device]:
-        dev = self._open_device(address)
+    def _device(self, address: DeviceAddress, *, wait_s: float = 0.0) -> Iterator[Device]:
+        """The open device; with ``wait_s``, opening is retried that long while the device
+        does not answer (it may be powering on)."""
+        deadline = time.monotonic() + wait_s  # real time: it sleeps
+        while True:
+            try:
+                dev = self._open_device(address)
+                break
+            except TransportError:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("%s does not answer yet; waiting", address.uri)
+                time.sleep(0.5)
         try:
             yield dev
         finally:
