@@ -58,7 +58,9 @@ from unbrick.transports.base import (
     Capability,
     Device,
     Identify,
+    ImageWrite,
     Reboot,
+    WriteTarget,
 )
 from unbrick.trust.verify import VerifyReport, verify_file
 
@@ -365,7 +367,10 @@ class Workbench:
             android_info=android_info,
             android_vars=_android_vars(identity),
             backup=checks.BackupStatus(),
-            backup_planned=True,
+            backup_planned=Capability.READ in dev.capabilities,
+            backup_impossible=""
+            if Capability.READ in dev.capabilities
+            else f"{address.protocol} links cannot read the device back",
             options=checks.PreflightOptions(
                 allow_downgrade=request.allow_downgrade,
                 allow_critical=request.allow_critical,
@@ -373,7 +378,7 @@ class Workbench:
             ),
         )
         result = checks.run_preflight(ctx)
-        steps = ["preflight", "backup"]
+        steps = ["preflight", "backup"] if Capability.READ in dev.capabilities else ["preflight"]
         if loader is not None:
             steps.append("stage-loader")
         steps += ["write", "verify"]
@@ -527,10 +532,13 @@ class Workbench:
                 state = self._move(job_id, state, JobState.BACKUP)
                 with self._step(job_id, "enter-recovery"):
                     self._enter_recovery(dev, plan)
-                backup_id = self._backup(job_id, dev, plan, p_backup, opts)
+                if Capability.READ in dev.capabilities:
+                    backup_id = self._backup(job_id, dev, plan, p_backup, opts)
+                else:
+                    self._skip(job_id, "backup", "this link cannot read the device back")
+                    p_backup.finish()
             else:
                 p_backup.finish()
-            assert backup_id is not None
             if state in (JobState.BACKUP, JobState.STAGE_LOADER) and plan.loader_path:
                 state = self._move(job_id, state, JobState.STAGE_LOADER)
                 self._check_same_device(job_id, dev, plan.identity)
@@ -561,7 +569,7 @@ class Workbench:
             if plan.slot is not None:
                 self._check_same_device(job_id, dev, plan.identity)
             with self._step(job_id, "commit", slot=plan.slot) as detail:
-                if plan.slot is not None:
+                if plan.slot is not None and Capability.BOOT_CONTROL in dev.capabilities:
                     try:
                         cast(BootControl, dev).commit(plan.slot)
                     except TransportError as e:
@@ -682,6 +690,9 @@ class Workbench:
             ) as detail,
             _open_image(plan.flash_path) as image,
         ):
+            if Capability.IMAGE_WRITE in dev.capabilities and start_at == 0:
+                detail.update(self._write_image(job_id, dev, plan, progress))
+                return
             try:
                 write_range(
                     dev,
@@ -696,7 +707,39 @@ class Workbench:
                 raise _Cut(str(e)) from e
             detail["bytes"] = plan.target.size - start_at
 
+    def _write_image(
+        self, job_id: str, dev: Device, plan: Plan, progress: Progress
+    ) -> dict[str, Any]:
+        """The link writes the whole image itself (with its own transfer and check)."""
+        target = WriteTarget(
+            plan.target.region, plan.target.offset, plan.target.size, slot=plan.slot
+        )
+        try:
+            result = cast(ImageWrite, dev).write_image(
+                target, plan.flash_path, progress=progress.set
+            )
+        except (TransportError, DeviceError) as e:
+            raise _Cut(str(e)) from e
+        progress.finish()
+        self.store.update_job(
+            job_id, state=JobState.WRITE.value, data={"verified_by": result.verified_by}
+        )
+        return {"bytes": result.bytes_written, "verified_by": result.verified_by, **result.detail}
+
     def _verify(self, job_id: str, dev: Device, plan: Plan, progress: Progress) -> None:
+        if not {Capability.READ, Capability.DEVICE_HASH} & dev.capabilities:
+            # Nothing to read back or hash: the link's own check of the write is the verdict.
+            by = str(self.store.get_job(job_id).data.get("verified_by") or "")
+            with self._step(job_id, "verify", region=plan.target.region) as detail:
+                if not by:
+                    raise VerifyError(
+                        f"{plan.device_uri} can neither read back nor hash "
+                        f"'{plan.target.region}', and the write was not checked",
+                        ranges=[(plan.target.offset, plan.target.size)],
+                    )
+                detail["method"] = f"link ({by})"
+            progress.finish()
+            return
         with (
             self._step(job_id, "verify", region=plan.target.region) as detail,
             _open_image(plan.flash_path) as image,
@@ -707,7 +750,7 @@ class Workbench:
                 raise _Cut(str(e)) from e
 
     def _reboot(self, job_id: str, dev: Device, plan: Plan) -> BootReport:
-        if plan.slot is not None:
+        if plan.slot is not None and Capability.BOOT_CONTROL in dev.capabilities:
             with self._step(job_id, "set-trial-slot", slot=plan.slot):
                 try:
                     cast(BootControl, dev).set_trial(plan.slot)
@@ -745,6 +788,17 @@ class Workbench:
         backup_id: str | None,
         cause: Exception,
     ) -> JobResult:
+        if plan.slot is None and backup_id is None and Capability.READ not in dev.capabilities:
+            # Nothing to roll back to: the link could not read the device before the write.
+            self._move(job_id, state, JobState.FAILED)
+            self._finish(job_id, JobState.FAILED, "failed", error=str(cause))
+            hint = (
+                "this link cannot read the device, so no backup was taken: write the region "
+                "again (a retry on a good cable usually works) or flash the vendor's image"
+            )
+            if isinstance(cause, VerifyError):
+                raise VerifyError(f"job {job_id}: {cause}", ranges=cause.ranges, hint=hint)
+            raise DeviceError(f"job {job_id}: {cause}", hint=hint) from cause
         state = self._move(job_id, state, JobState.ROLLING_BACK)
         self._event(job_id, "state", state.value, cause=str(cause))
         try:
@@ -1097,7 +1151,15 @@ class Workbench:
                 detail["image_unchanged"] = image_ok
                 if image_ok and plan.flash_path != plan.image_path:
                     image_ok = plan.flash_path.is_file()
-                if state in (JobState.WRITE, JobState.VERIFY) and image_ok:
+                if (
+                    state is JobState.WRITE
+                    and image_ok
+                    and (Capability.READ not in dev.capabilities)
+                ):
+                    # The link writes whole images and cannot read: write it again.
+                    self._enter_recovery(dev, plan)
+                    detail["continue_write_at"] = 0
+                elif state in (JobState.WRITE, JobState.VERIFY) and image_ok:
                     self._enter_recovery(dev, plan)
                     with _open_image(plan.flash_path) as image:
                         bad = bad_ranges(dev, plan.target, image)

@@ -252,6 +252,8 @@ class PreflightContext:
     backup: BackupStatus = field(default_factory=BackupStatus)
     #: The job will take and verify a backup of the targets before writing (and dry runs).
     backup_planned: bool = False
+    #: Why no backup can be taken over this link (it cannot read the device), or "".
+    backup_impossible: str = ""
     options: PreflightOptions = field(default_factory=PreflightOptions)
 
 
@@ -667,6 +669,10 @@ def _backup_verified(ctx: PreflightContext) -> _Outcome:
         return _ok(f"{which} covers the target", backup_id=ctx.backup.backup_id)
     if ctx.backup_planned:
         return _ok("a backup of the target will be taken and verified before writing")
+    if ctx.backup_impossible:
+        # Critical regions still need one (region.critical); a phone's other slot, or the
+        # vendor's images, are the way back for the rest.
+        return _ok(f"no backup: {ctx.backup_impossible}", impossible=ctx.backup_impossible)
     return _fail(
         f"no verified backup covers {_names(ctx.targets)}; take one with 'unbrick backup' "
         "(or let the job take one) so that the device can be restored",

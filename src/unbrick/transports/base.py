@@ -9,8 +9,10 @@ storage. Drivers raise TransportError/DeviceError (unbrick.errors) and nothing e
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from unbrick.model.identity import DeviceIdentity
 from unbrick.model.uri import DeviceAddress
@@ -25,6 +27,11 @@ class Capability(enum.Enum):
     REBOOT = "reboot"
     BOOT_CONTROL = "boot-control"
     CONSOLE = "console"
+    #: Writes a whole image in one operation with the link's own transfer and check
+    #: (fastboot download+flash, flashrom with a layout, a bmap block writer, esptool).
+    IMAGE_WRITE = "image-write"
+    #: Storage is a set of named partitions the device locates itself (fastboot).
+    PARTITIONS = "partitions"
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,47 @@ class FlashWrite(Protocol):
 class DeviceHash(Protocol):
     def device_hash(self, offset: int, length: int, algorithm: str = "sha256") -> str:
         """Hex digest computed by the device itself."""
+        ...
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """Where :meth:`ImageWrite.write_image` puts an image: a profile region (a partition name
+    on devices with :attr:`Capability.PARTITIONS`) and, on address-based devices, its span."""
+
+    region: str
+    offset: int
+    size: int
+    slot: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageWriteResult:
+    bytes_written: int
+    #: How the link checked what it wrote ("fastboot OKAY", "flashrom verify",
+    #: "bmap sha256", "esptool md5"...); empty when it did not.
+    verified_by: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ImageWrite(Protocol):
+    def write_image(
+        self,
+        target: WriteTarget,
+        image: Path,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImageWriteResult:
+        """Write the image file to ``target`` in one operation (``progress`` gets the bytes
+        done so far). Nothing is reported as written that the link did not accept."""
+        ...
+
+
+@runtime_checkable
+class Partitions(Protocol):
+    def partition_size(self, name: str) -> int | None:
+        """The size of a partition the device knows by name; None when it does not say."""
         ...
 
 
