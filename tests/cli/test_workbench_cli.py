@@ -203,3 +203,24 @@ def test_diagnose_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
     )
     assert code == 0
     assert json.loads(out)["class"] in ("hard", "hardware")
+
+
+def test_backup_to_a_file_and_export(
+    cli_bench: Bench, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_file = tmp_path / "dump.bin"
+    code, out, err = run(capsys, "backup", "sim://r1", "-o", str(out_file))
+    assert code == 0, err
+    assert f"written to {out_file}" in out
+    size = cli_bench.device.config.geometry.size_bytes
+    flash = b"".join(cli_bench.device.spi_read(o, 1 << 20) for o in range(0, size, 1 << 20))
+    assert out_file.read_bytes() == flash
+    assert out_file.stat().st_mode & 0o777 == 0o600
+    code, out, _ = run(capsys, "backups", "list", "--json")
+    backup_id = json.loads(out)[0]["id"]
+    again = tmp_path / "again.bin"
+    code, out, err = run(capsys, "backups", "export", backup_id[:8], "-o", str(again))
+    assert code == 0, err
+    assert again.read_bytes() == flash
+    code, _, err = run(capsys, "backups", "export", "ffffffff", "-o", str(tmp_path / "x"))
+    assert code == 2 and "no backup" in err and not (tmp_path / "x").exists()

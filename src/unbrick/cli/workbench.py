@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -261,16 +262,54 @@ def _report(result: dict[str, Any], as_json: bool, sink: Any) -> None:
 @click.command()
 @click.argument("uri")
 @click.option("--region", "regions", multiple=True, help="Only this region (repeatable).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the backup's plain content to this file (mode 0600).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def backup(uri: str, regions: tuple[str, ...], as_json: bool) -> int:
+def backup(uri: str, regions: tuple[str, ...], output: Path | None, as_json: bool) -> int:
     """Read the device's flash into the encrypted backup vault, verified."""
-    from unbrick.cli.context import workbench
+    from unbrick.cli.context import paths, workbench
+    from unbrick.engine.vault import BackupVault
 
     sink = _sink(as_json)
     with sink, workbench(sink) as (wb, _):
         result = wb.backup(uri, list(regions) or None)
+        if output is not None and result.backup_id:
+            p = paths()
+            _export(BackupVault(p.vault_dir, p.key_file), result.backup_id, output, as_json)
         _report(result.to_dict(), as_json, sink)
     return 0
+
+
+def _export(vault: Any, backup_id: str, output: Path, quiet: bool) -> None:
+    """Write a backup's plaintext to ``output`` atomically (0600: flash dumps hold keys and
+    calibration data)."""
+    import os
+    import tempfile
+
+    from unbrick.cli.render import stdout_console
+
+    full = vault.resolve(backup_id)
+    directory = output.resolve().parent
+    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=directory)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in vault.open(full):
+                f.write(piece)
+                size += len(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if not quiet:
+        stdout_console().print(f"backup {full[:12]} written to {output} ({size} bytes)")
 
 
 @click.command()
@@ -309,6 +348,25 @@ def restore(
 @click.group()
 def backups() -> None:
     """The encrypted backup vault."""
+
+
+@backups.command(name="export")
+@click.argument("backup_id")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="File to write the backup's plain content to (mode 0600).",
+)
+def export_backup(backup_id: str, output: Path) -> int:
+    """Write a backup's plain content (checked against its id) to a file."""
+    from unbrick.cli.context import paths
+    from unbrick.engine.vault import BackupVault
+
+    p = paths()
+    _export(BackupVault(p.vault_dir, p.key_file), backup_id, output, quiet=False)
+    return 0
 
 
 @backups.command(name="list")
