@@ -200,6 +200,19 @@ def test_reboot_without_a_session_pulses_the_port(sim: EspRomSim) -> None:
         d.close()
 
 
+def test_a_board_that_goes_away_is_a_transport_error(sim: EspRomSim) -> None:
+    d = open_sim(sim)
+    try:
+        assert d.read(0, 16) == b"\xff" * 16
+        sim.stop()  # unplugged: the port is gone
+        with pytest.raises(TransportError, match="read 0x0\\+0x10 on") as err:
+            d.read(0, 16)
+        assert "resume" in err.value.hint
+        assert not d.connected  # the session is closed; the next call reconnects
+    finally:
+        d.close()
+
+
 def test_no_sync_gives_the_download_mode_hint(flash_path: Path) -> None:
     with EspRomSim(flash_path, faults=EspFaults(no_sync=True)) as sim:
         start = time.monotonic()

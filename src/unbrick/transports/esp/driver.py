@@ -424,6 +424,7 @@ class EspDriver:
         self._clock = clock
         self._sleep = sleep
         self._api = load_esptool()
+        self._quiet_depth = 0
         self._esp: Any = None
         self._session: contextlib.ExitStack | None = None
         self._flash_size: int | None = None
@@ -441,6 +442,11 @@ class EspDriver:
             with self._quiet(), contextlib.suppress(Exception):
                 session.close()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a session (port open, chip synced) is in place."""
+        return self._esp is not None
+
     def __enter__(self) -> EspDriver:
         return self
 
@@ -449,14 +455,24 @@ class EspDriver:
 
     @contextlib.contextmanager
     def _quiet(self) -> Iterator[None]:
-        """esptool's output to logging for the duration of a call."""
+        """esptool's output to logging for the duration of a call (the outermost one swaps
+        esptool's logger; nested calls find it in place)."""
         api = self._api
         with _OUTPUT_LOCK:
+            if self._quiet_depth:
+                self._quiet_depth += 1
+                try:
+                    yield
+                finally:
+                    self._quiet_depth -= 1
+                return
             previous = api.current_logger()
             api.log.set_logger(api.logger)
+            self._quiet_depth = 1
             try:
                 yield
             finally:
+                self._quiet_depth = 0
                 api.restore_logger(previous)
 
     @contextlib.contextmanager
