@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +26,6 @@ from unbrick.transports.base import (
     Reboot,
 )
 from unbrick.transports.esp import EspDriver, EspOptions, open_esp
-from unbrick.transports.esp.driver import (
-    DOWNLOAD_MODE_HINT,
-    boot_report,
-    chip_key,
-    load_esptool,
-    parse_flash_size,
-    translate_error,
-)
 
 pytestmark = pytest.mark.peer
 
@@ -142,12 +132,27 @@ def test_the_rom_loader_without_the_stub(sim: EspRomSim) -> None:
     assert sim.stats.commands["READ_FLASH_SLOW"] == 7
 
 
-def test_engine_writes_and_verifies_through_the_driver(driver: EspDriver) -> None:
-    image = os.urandom(40_000) + b"\x00" * 100_000
+def test_engine_writes_and_verifies_through_the_driver(driver: EspDriver, sim: EspRomSim) -> None:
+    image = os.urandom(40_000) + b"\x00" * 400_000
     target = Target("app", 0x10000, len(image), 4096)
     data = ImageData(io.BytesIO(image), len(image))
     write_range(driver, target, data)
+    assert sim.read_flash(0x10000, len(image)) == image
     assert verify_range(driver, target, data, rewrite=False) == "device-hash"
+    # The verify cost one MD5 on the chip per range: nothing was read back.
+    assert sim.stats.commands["READ_FLASH"] == 0
+    assert driver.stats.known_hits == 2  # two 256 KiB verify ranges
+
+
+def test_sha256_follows_the_flash_not_the_session(driver: EspDriver, sim: EspRomSim) -> None:
+    data = driver.read(0x8000, 8192)
+    assert driver.device_hash(0x8000, 8192) == hashlib.sha256(data).hexdigest()
+    assert sim.stats.commands["READ_FLASH"] == 1
+    # Something else changes the flash behind the driver's back (the firmware, a bad cell).
+    sim.flash.program(0x9000, b"\x00" * 16)
+    changed = sim.read_flash(0x8000, 8192)
+    assert driver.device_hash(0x8000, 8192) == hashlib.sha256(changed).hexdigest()
+    assert sim.stats.commands["READ_FLASH"] == 2  # the chip's MD5 disagreed: read back
 
 
 def test_a_corrupted_write_is_retried_once(flash_path: Path) -> None:
@@ -258,122 +263,3 @@ def test_flash_size_override(sim: EspRomSim) -> None:
             d.read(3 * MiB, 16)
     finally:
         d.close()
-
-
-# -- pure parts ------------------------------------------------------------------------------
-
-
-@pytest.mark.unit
-def test_options_from_address() -> None:
-    addr = parse_device_uri(
-        "esp:///dev/ttyUSB0?baud=921600&chip=ESP32&stub=no&compress=0&max_transfer=0x10000"
-        "&flash_size=8MB&boot_log=1.5&before=no-reset&connect_attempts=2"
-    )
-    opts = EspOptions.from_address(addr)
-    assert opts == EspOptions(
-        baud=921600,
-        chip="esp32",
-        stub=False,
-        compress=False,
-        max_transfer=0x10000,
-        flash_size="8MB",
-        boot_log_s=1.5,
-        before="no-reset",
-        connect_attempts=2,
-    )
-    assert EspOptions.from_address(parse_device_uri("esp://ttyUSB0")) == EspOptions()
-    for bad, match in [
-        ("chip=esp99", "chip='esp99'"),
-        ("stub=maybe", "not on/off"),
-        ("max_transfer=1000", "multiple of 4 KiB"),
-        ("flash_size=3MB", "power of two"),
-        ("before=whenever", "before="),
-        ("boot_log=soon", "not seconds"),
-        ("baud=12", "not a serial speed"),
-    ]:
-        with pytest.raises(UsageError, match=match):
-            EspOptions.from_address(parse_device_uri(f"esp:///dev/ttyUSB0?{bad}"))
-
-
-@pytest.mark.unit
-def test_small_helpers() -> None:
-    assert parse_flash_size("4MB") == 4 * MiB
-    assert parse_flash_size("512KB") == 512 * 1024
-    assert chip_key("ESP32-S3") == "esp32s3"
-    assert chip_key("ESP32-C3 (QFN32)") == "esp32c3"
-
-
-class FatalError(RuntimeError):
-    """Named like esptool's: the translation goes by message, not by class."""
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("error", "kind", "words"),
-    [
-        (
-            FatalError(
-                "Failed to connect to ESP32: No serial data received.\nFor troubleshooting..."
-            ),
-            TransportError,
-            "no answer from the ESP bootloader on P (Failed to connect to ESP32: No serial",
-        ),
-        (
-            FatalError("Could not open /dev/ttyUSB0, the port is busy or doesn't exist."),
-            TransportError,
-            "cannot open P",
-        ),
-        (FatalError("Timed out waiting for packet header"), TransportError, "write on P"),
-        (OSError(5, "Input/output error"), TransportError, "write on P"),
-        (FatalError("MD5 of file does not match data in flash!"), VerifyError, "MD5 differs"),
-        (
-            FatalError("Failed to write to target flash after seq 3 (result was 01C4: x)"),
-            DeviceError,
-            "the ESP refused to write",
-        ),
-        (FatalError("Something new"), DeviceError, "write on P: Something new"),
-    ],
-)
-def test_translate_error(error: BaseException, kind: type, words: str) -> None:
-    err = translate_error(error, action="write", port="P", ranges=[(0, 4)])
-    assert type(err) is kind
-    assert words in err.message
-    assert "\n" not in err.one_line()
-    if kind is TransportError and "bootloader" in words:
-        assert err.hint == DOWNLOAD_MODE_HINT
-    if kind is VerifyError:
-        assert err.ranges == [(0, 4)]  # type: ignore[attr-defined]
-
-
-@pytest.mark.unit
-def test_boot_report() -> None:
-    log = (
-        "ets Jun  8 2016 00:22:57\r\nrst:0x1 (POWERON_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"
-        "I (210) app_init: App version:      v2.0.1\r\n"
-    )
-    assert boot_report(log).firmware_version == "v2.0.1"
-    assert boot_report(log).state == "firmware"
-    waiting = "rst:0x1 (POWERON_RESET),boot:0x3 (DOWNLOAD_BOOT(UART0))\r\nwaiting for download\r\n"
-    assert boot_report(waiting).state == "bootloader"
-
-
-@pytest.mark.unit
-def test_without_esptool_the_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "esptool", None)
-    with pytest.raises(UsageError, match="need esptool") as err:
-        load_esptool()
-    assert "pip install 'unbrick[esp]'" in err.value.hint
-    with pytest.raises(UsageError, match="need esptool"):
-        open_esp(parse_device_uri("esp:///dev/ttyUSB0"))
-
-
-@pytest.mark.unit
-def test_esptool_is_not_imported_with_the_package() -> None:
-    code = (
-        "import sys, unbrick.transports.esp, unbrick.transports.esp.driver, unbrick.sim.esp_rom;"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('esptool', 'esp_pylib')))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"

@@ -19,8 +19,10 @@ size from the JEDEC ID). It keeps that session for every later call until :meth:
   writes to (so a program starts at a sector boundary and clears the rest of its last
   sector), and esptool checks every write with the chip's MD5 of the range; a mismatch is
   retried once, then it is a VerifyError naming the range.
-* DeviceHash: ``md5`` is computed by the chip (SPI_FLASH_MD5); ``sha256`` is the digest of the
-  range read back, accepted only when the chip's own MD5 of the range agrees with it.
+* DeviceHash: ``md5`` is computed by the chip (SPI_FLASH_MD5). ``sha256`` is the digest of
+  bytes the chip's own MD5 of the range confirms: the bytes this session just read or wrote
+  there when it knows them (so verifying a write or a backup costs one MD5 on the chip, no
+  read-back), else the range read back.
 * Reboot: a hard reset (RTS pulls EN low), then the boot log is read for ``boot_log_s`` at
   115200 baud; ``enter_recovery`` reconnects, which resets the chip into download mode.
 
@@ -169,6 +171,9 @@ class EspOptions:
     boot_log_s: float = 3.0
     #: Speed of the boot log (the ESP32 ROM and ESP-IDF print at 115200 with a 40 MHz crystal).
     log_baud: int = 115200
+    #: Bytes read or written this session that the driver keeps, so that a sha256 of them
+    #: costs only the chip's MD5 (no read-back).
+    known_bytes: int = 16 * MiB
 
     def __post_init__(self) -> None:
         if self.chip not in _CHIP_NAMES:
@@ -187,11 +192,14 @@ class EspOptions:
             parse_flash_size(self.flash_size)
         if not 0 <= self.boot_log_s <= 600:
             raise UsageError("boot_log must be 0 to 600 seconds")
+        if self.known_bytes < 0:
+            raise UsageError("known_bytes must be 0 or more")
 
     @classmethod
     def from_address(cls, address: DeviceAddress, base: EspOptions | None = None) -> EspOptions:
         """Options from ``esp://PORT?baud=&initial_baud=&chip=&before=&connect_attempts=&stub=
-        &compress=&max_transfer=&flash_size=&boot_log=&log_baud=`` over ``base``."""
+        &compress=&max_transfer=&flash_size=&boot_log=&log_baud=&known_bytes=`` over
+        ``base``."""
         opts = base or cls()
         stub = _flag(address, "stub")
         compress = _flag(address, "compress")
@@ -215,6 +223,7 @@ class EspOptions:
             flash_size=address.param("flash_size") or opts.flash_size,
             boot_log_s=boot_log_s,
             log_baud=address.int_param("log_baud", opts.log_baud),
+            known_bytes=address.int_param("known_bytes", opts.known_bytes),
         )
 
 
@@ -384,6 +393,77 @@ def load_esptool() -> _Esptool:
 # The driver
 
 
+class KnownBytes:
+    """Flash bytes this session read or wrote (each checked by the chip's MD5), by range;
+    the oldest pieces are forgotten beyond ``cap_bytes``."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        #: start -> bytes, oldest first (dicts keep insertion order).
+        self._pieces: dict[int, bytes] = {}
+        self._stored = 0
+
+    def clear(self) -> None:
+        self._pieces.clear()
+        self._stored = 0
+
+    def drop(self, offset: int, length: int) -> None:
+        end = offset + length
+        for start, data in list(self._pieces.items()):
+            stop = start + len(data)
+            if stop <= offset or start >= end:
+                continue
+            del self._pieces[start]
+            self._stored -= len(data)
+            if start < offset:
+                self._pieces[start] = data[: offset - start]
+                self._stored += offset - start
+            if stop > end:
+                self._pieces[end] = data[end - start :]
+                self._stored += stop - end
+
+    def put(self, offset: int, data: bytes) -> None:
+        self.drop(offset, len(data))
+        if not data or len(data) > self.cap_bytes:
+            return
+        self._pieces[offset] = bytes(data)
+        self._stored += len(data)
+        while self._stored > self.cap_bytes:
+            oldest = next(iter(self._pieces))
+            self._stored -= len(self._pieces.pop(oldest))
+
+    def get(self, offset: int, length: int) -> bytes | None:
+        """The bytes of the range, or None when part of it is unknown."""
+        out = bytearray()
+        pos, end = offset, offset + length
+        for start in sorted(self._pieces):
+            data = self._pieces[start]
+            stop = start + len(data)
+            if stop <= pos:
+                continue
+            if start > pos:
+                return None
+            take = min(stop, end) - pos
+            out += data[pos - start : pos - start + take]
+            pos += take
+            if pos >= end:
+                break
+        return bytes(out) if pos >= end else None
+
+
+@dataclass
+class EspDriverStats:
+    """What the driver did in this session (for logs and tests)."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    writes: int = 0
+    write_retries: int = 0
+    chip_md5s: int = 0
+    #: sha256 digests answered from known bytes that the chip's MD5 confirmed (no read-back).
+    known_hits: int = 0
+
+
 @dataclass(frozen=True)
 class _Security:
     flash_encryption: bool = False
@@ -425,6 +505,8 @@ class EspDriver:
         self._sleep = sleep
         self._api = load_esptool()
         self._quiet_depth = 0
+        self.stats = EspDriverStats()
+        self._known = KnownBytes(self.options.known_bytes)
         self._esp: Any = None
         self._session: contextlib.ExitStack | None = None
         self._flash_size: int | None = None
@@ -438,6 +520,8 @@ class EspDriver:
         session, self._session = self._session, None
         self._esp = None
         self._identity = None
+        # The firmware may write its flash (NVS) once it runs: forget what we knew.
+        self._known.clear()
         if session is not None:
             with self._quiet(), contextlib.suppress(Exception):
                 session.close()
@@ -649,6 +733,9 @@ class EspDriver:
             raise TransportError(
                 f"read {span} on {self.port}: {got} bytes came back", hint=LINK_HINT
             )
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        self._known.put(offset, bytes(data))
         return bytes(data)
 
     # -- FlashErase / FlashWrite ------------------------------------------------------------
@@ -664,6 +751,7 @@ class EspDriver:
             return
         self._check_writable(offset)
         esp = self.connect()
+        self._known.drop(offset, length)
         with self._call(f"erase 0x{offset:x}+0x{length:x}"):
             self._api.cmds.erase_region(esp, offset, length, force=True)
 
@@ -682,6 +770,9 @@ class EspDriver:
         span = f"write 0x{offset:x}+0x{len(data):x}"
         ranges = [(offset, len(data))]
         opts = self.options
+        end = offset + len(data)
+        # The stub erases every sector it writes to: the tail of the last one changes too.
+        self._known.drop(offset, -(-end // SECTOR_BYTES) * SECTOR_BYTES - offset)
         for attempt in (1, 2):
             esp = self.connect()
             try:
@@ -697,17 +788,21 @@ class EspDriver:
                         force=True,
                         no_progress=True,
                     )
+                self.stats.writes += 1
+                # esptool compared the chip's MD5 of the range with the data's: it holds it.
+                self._known.put(offset, bytes(data))
                 return
             except VerifyError:
                 if attempt == 2:
                     raise
+                self.stats.write_retries += 1
                 log.warning("%s: %s did not verify (MD5); writing it again", self.port, span)
 
     # -- DeviceHash -------------------------------------------------------------------------
 
     def device_hash(self, offset: int, length: int, algorithm: str = "sha256") -> str:
-        """``md5``: computed by the chip. ``sha256``: the range read back, accepted when the
-        chip's own MD5 of the range agrees."""
+        """``md5``: computed by the chip. ``sha256``: of the bytes the chip's MD5 of the range
+        confirms (known from this session's reads and writes, else read back)."""
         alg = algorithm.lower()
         if alg not in self.hash_algorithms:
             raise UsageError(
@@ -719,25 +814,32 @@ class EspDriver:
             return hashlib.new(alg, b"").hexdigest()
         if alg == "md5":
             return self._chip_md5(offset, length)
-        digest = hashlib.sha256()
-        md5 = hashlib.md5()  # noqa: S324 - compared with the chip's MD5, not a security check
-        for pos in range(0, length, self.max_transfer):
-            chunk = self.read(offset + pos, min(self.max_transfer, length - pos))
-            digest.update(chunk)
-            md5.update(chunk)
         chip = self._chip_md5(offset, length)
-        if md5.hexdigest() != chip:
-            raise TransportError(
-                f"0x{offset:x}+0x{length:x} on {self.port} read back differently from what "
-                "the chip's MD5 says",
-                hint=LINK_HINT,
+        known = self._known.get(offset, length)
+        if known is not None and _md5(known) == chip:
+            self.stats.known_hits += 1
+            return hashlib.sha256(known).hexdigest()
+        # Unknown, or not what the flash holds now: read it back, checked by the chip's MD5.
+        for attempt in (1, 2):
+            data = b"".join(
+                self.read(offset + pos, min(self.max_transfer, length - pos))
+                for pos in range(0, length, self.max_transfer)
             )
-        return digest.hexdigest()
+            if _md5(data) == chip:
+                return hashlib.sha256(data).hexdigest()
+            if attempt == 1:
+                chip = self._chip_md5(offset, length)
+        raise TransportError(
+            f"0x{offset:x}+0x{length:x} on {self.port} reads back differently from what the "
+            "chip's MD5 says, twice",
+            hint=LINK_HINT,
+        )
 
     def _chip_md5(self, offset: int, length: int) -> str:
         esp = self.connect()
         with self._call(f"md5 0x{offset:x}+0x{length:x}"):
             value = esp.flash_md5sum(offset, length)
+        self.stats.chip_md5s += 1
         text = value.decode() if isinstance(value, bytes | bytearray) else str(value)
         return text.strip().lower()
 
@@ -792,6 +894,10 @@ class EspDriver:
         """Back to the ROM loader: reconnect, which resets the chip into download mode."""
         self.close()
         self.connect()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()  # noqa: S324 - compared with the chip's MD5
 
 
 def boot_report(text: str) -> BootReport:
