@@ -1,5 +1,9 @@
 """``unbrick sim KIND --name NAME``: run a simulated device in the foreground.
 
+``unbrick sim fastboot-phone --listen HOST:PORT --state-dir DIR`` runs a phone in fastboot mode
+instead (``unbrick.sim.fastboot_phone``): fastboot over TCP and UDP on the same port number, each
+partition the file ``DIR/<partition>.img``; ``--name`` is not needed.
+
 The simulator serves the device's recovery interface, its SPI face and its serial console (as
 U-Boot shows it: ``uboot+tcp://HOST:CONSOLE_PORT``) on TCP, the bootloader's TFTP recovery
 server on UDP (``unbrick tftp put HOST:TFTP_PORT IMAGE`` while it is in recovery), publishes
@@ -14,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -34,6 +39,7 @@ _FLOAT_KEYS = ("bit-error-rate", "power-on-delay")
 
 if TYPE_CHECKING:
     from unbrick.sim.device import Faults
+    from unbrick.sim.fastboot_phone import PhoneFaults
 
 
 def parse_faults(specs: tuple[str, ...]) -> Faults:
@@ -96,9 +102,51 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, number
 
 
+FASTBOOT_PHONE = "fastboot-phone"
+_PHONE_FAULT_KEYS = (
+    "disconnect-after-bytes",
+    "offline",
+    "reboot-delay",
+    "flash-delay",
+    "fail-partition",
+    "no-fetch",
+)
+
+
+def parse_phone_faults(specs: tuple[str, ...]) -> PhoneFaults:
+    """``KEY=VALUE`` fault options of the fastboot phone into a ``PhoneFaults``."""
+    from unbrick.sim.fastboot_phone import PhoneFaults
+
+    faults = PhoneFaults()
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in _PHONE_FAULT_KEYS:
+            raise UsageError(
+                f"--fault {spec!r} is not KEY=VALUE with a known KEY",
+                hint=f"keys for {FASTBOOT_PHONE}: {', '.join(_PHONE_FAULT_KEYS)}",
+            )
+        try:
+            if key == "disconnect-after-bytes":
+                faults = replace(faults, disconnect_after_bytes=int(text, 0))
+            elif key == "offline":
+                faults = replace(faults, offline_s=float(text))
+            elif key == "reboot-delay":
+                faults = replace(faults, reboot_offline_s=float(text))
+            elif key == "flash-delay":
+                faults = replace(faults, flash_delay_s=float(text))
+            elif key == "fail-partition":
+                faults = replace(faults, fail_partition=text or None)
+            else:
+                faults = replace(faults, no_fetch=text.strip().lower() in ("1", "yes", "true"))
+        except ValueError as e:
+            raise UsageError(f"--fault {spec!r}: {text!r} is not a number") from e
+    return faults
+
+
 @click.command("sim")
 @click.argument("kind")
-@click.option("--name", required=True, help="Device name: sim://NAME opens it.")
+@click.option("--name", help="Device name: sim://NAME opens it (router kinds).")
 @click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to serve.")
 @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), help="Flash/config.")
 @click.option("--registry", type=click.Path(path_type=Path, file_okay=False), help="Registry dir.")
@@ -114,9 +162,20 @@ def parse_listen(text: str) -> tuple[str, int]:
     "--bad-blocks",
     help="NAND kinds: erase blocks the chip reports bad, e.g. 20,21,40 (a new device).",
 )
+@click.option("--product", help="fastboot-phone: the product name (getvar product).")
+@click.option("--serial", help="fastboot-phone: the serial number (getvar serialno).")
+@click.option(
+    "--max-download-size",
+    help="fastboot-phone: max-download-size in bytes (256M, 0x10000000...).",
+)
+@click.option(
+    "--locked/--unlocked",
+    default=None,
+    help="fastboot-phone: lock or unlock the bootloader (kept in the state directory).",
+)
 def sim(
     kind: str,
-    name: str,
+    name: str | None,
     listen: str,
     state_dir: Path | None,
     registry: Path | None,
@@ -125,14 +184,35 @@ def sim(
     brick: str | None,
     autoboot_delay: float | None,
     bad_blocks: str | None,
+    product: str | None,
+    serial: str | None,
+    max_download_size: str | None,
+    locked: bool | None,
 ) -> int:
-    """Run a simulated device of KIND (router, router-ab, router-spi, router-nand) until
-    SIGTERM/SIGINT.
+    """Run a simulated device of KIND (router, router-ab, router-spi, router-nand,
+    fastboot-phone) until SIGTERM/SIGINT.
 
     Faults: power-cut-after=N (the Nth flash operation is cut short by a power loss),
     bit-error-rate=P (per answer frame), disconnect-after=N (frames per connection),
-    slow=BYTES_PER_S, power-on-delay=S, seed=N.
+    slow=BYTES_PER_S, power-on-delay=S, seed=N. fastboot-phone faults:
+    disconnect-after-bytes=N (vanish mid-download), offline=S, reboot-delay=S,
+    flash-delay=S, fail-partition=NAME, no-fetch=1.
     """
+    if kind == FASTBOOT_PHONE:
+        if brick or bad_blocks is not None or reset_factory or autoboot_delay is not None:
+            raise UsageError(
+                f"--brick, --bad-blocks, --reset-factory and --autoboot-delay are for the "
+                f"router kinds, not {FASTBOOT_PHONE}"
+            )
+        return _run_fastboot_phone(
+            listen, state_dir, faults, product, serial, max_download_size, locked
+        )
+    if product or serial or max_download_size or locked is not None:
+        raise UsageError(
+            f"--product, --serial, --max-download-size and --locked are for {FASTBOOT_PHONE} only"
+        )
+    if not name:
+        raise UsageError(f"--name is required for a {kind}", hint="e.g. --name r1")
     from unbrick.sim.device import check_name
     from unbrick.sim.kinds import (
         check_bad_blocks,
@@ -226,6 +306,58 @@ def sim(
                     registry_path(registry_dir, name).unlink(missing_ok=True)
             except (UnbrickError, OSError):
                 pass
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return 0
+
+
+def _run_fastboot_phone(
+    listen: str,
+    state_dir: Path | None,
+    faults: tuple[str, ...],
+    product: str | None,
+    serial: str | None,
+    max_download_size: str | None,
+    locked: bool | None,
+) -> int:
+    from unbrick.sim.fastboot_phone import FastbootPhone, FastbootServer, parse_byte_size
+
+    if state_dir is None:
+        raise UsageError(
+            f"{FASTBOOT_PHONE} needs --state-dir DIR",
+            hint="each partition is the file DIR/<partition>.img",
+        )
+    host, port = parse_listen(listen)
+    phone = FastbootPhone.open(
+        state_dir,
+        product=product,
+        serialno=serial,
+        max_download_size=parse_byte_size(max_download_size) if max_download_size else None,
+        unlocked=None if locked is None else not locked,
+        faults=parse_phone_faults(faults),
+    )
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    server = FastbootServer(phone, host, port)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+        ports = server.start()
+        click.echo(
+            f"{FASTBOOT_PHONE} {phone.state.product} ({phone.state.serialno}) listening on "
+            f"tcp {ports.host}:{ports.tcp_port} and udp {ports.host}:{ports.udp_port}, "
+            f"state {state_dir}"
+        )
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
         for sig, handler in previous.items():
             if handler is not None:
                 signal.signal(sig, handler)

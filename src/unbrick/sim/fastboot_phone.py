@@ -26,10 +26,10 @@ slowly or fail one partition.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -477,6 +477,7 @@ class FastbootPhone:
         yield _okay()
 
     def reboot(self, target: str) -> None:
+        """Record a reboot to ``target`` (the device goes away when its answer is out)."""
         with self._lock:
             slot = self.state.current_slot if self.slot_count() else ""
             self.state.boots.append({"target": target, "slot": slot})
@@ -485,7 +486,6 @@ class FastbootPhone:
                 # The OS came up on this slot and marked it successful.
                 self.state.slots.setdefault(slot, SlotState()).successful = True
             self.save()
-        self.go_offline(self.faults.reboot_offline_s)
 
     def fetch(self, arg: str) -> Iterator[Out]:
         if self.faults.no_fetch:
@@ -640,7 +640,7 @@ class PhoneSession:
         """After the last answer went out: carry out a pending reboot."""
         target, self._reboot_target = self._reboot_target, None
         if target is not None:
-            self.phone.reboot(target)
+            self.phone.go_offline(self.phone.faults.reboot_offline_s)
 
     def command(self, payload: bytes) -> Iterator[Out]:
         """Run one command; yields the messages for the host as they come."""
@@ -679,10 +679,12 @@ class PhoneSession:
                 target = arg
             self.closing = True
             self._reboot_target = target
+            phone.reboot(target)
             yield _okay()
         elif name == "continue":
             self.closing = True
             self._reboot_target = "system"
+            phone.reboot("system")
             yield _okay()
         elif name == "fetch":
             yield from phone.fetch(arg)
@@ -952,9 +954,20 @@ class FastbootServer:
                     sock.sendto(reply, addr)
 
 
+_END = object()
+#: How long a read packet waits for the device's next message before it goes unanswered (the
+#: host then sends it again: this is how a device stays silent while it flashes).
+_UDP_READ_WAIT_S = 0.2
+
+
 class _UdpDevice:
     """The device side of fastboot's UDP protocol: sequence numbers, retransmissions,
-    continuation packets, and one :class:`PhoneSession`."""
+    continuation packets, and one :class:`PhoneSession`.
+
+    A command runs on a worker thread once its last packet is acknowledged; the host's read
+    packets are answered with its messages as they come (INFO keep-alives during a slow
+    flash), and go unanswered while it has nothing to say.
+    """
 
     def __init__(self, phone: FastbootPhone, max_packet: int) -> None:
         self.phone = phone
@@ -964,19 +977,21 @@ class _UdpDevice:
         self.last: tuple[int, bytes] | None = None
         self.session: PhoneSession | None = None
         self.assembling = bytearray()
-        #: What the device has to say, one (flags, data) per packet, produced lazily.
-        self.stream: Iterator[tuple[int, bytes]] = iter(())
+        self.outq: queue.Queue[object] = queue.Queue()
+        self.current: Iterator[tuple[int, bytes]] | None = None
         self.lookahead: tuple[int, bytes] | None = None
-        self.close_after_send = False
+        self.worker: threading.Thread | None = None
+        self.busy = False
 
-    def _reset(self) -> None:
+    def _reset(self, session: bool = True) -> None:
         if self.session is not None:
             self.session.close()
-        self.session = PhoneSession(self.phone)
+        self.session = PhoneSession(self.phone) if session else None
         self.assembling.clear()
-        self.stream = iter(())
+        self.outq = queue.Queue()
+        self.current = None
         self.lookahead = None
-        self.close_after_send = False
+        self.busy = False
 
     def handle(self, datagram: bytes) -> bytes | None:
         """The answer to one datagram (None: stay silent)."""
@@ -1002,6 +1017,12 @@ class _UdpDevice:
     def _error(self, seq: int, text: str) -> bytes:
         return p.UdpPacket(p.PacketId.ERROR, 0, seq, text.encode("ascii", "replace")).encode()
 
+    def _vanish(self) -> None:
+        """The device dropped off: it comes back with no session and a new sequence."""
+        self._reset(session=False)
+        self.seq = 0
+        self.last = None
+
     def _process(self, pkt: p.UdpPacket) -> bytes | None:
         if pkt.ident == p.PacketId.INIT:
             try:
@@ -1015,51 +1036,95 @@ class _UdpDevice:
             ).encode()
         if pkt.ident != p.PacketId.FASTBOOT:
             return self._error(pkt.seq, "unknown packet id")
-        if self.session is None or self.session.stale():
-            return self._error(pkt.seq, "no session: send Init first")
         session = self.session
-        if pkt.data:
-            try:
-                if session.receiving:
-                    self._queue(list(session.data(pkt.data)))
-                else:
-                    self.assembling += pkt.data
-                    if len(self.assembling) > p.MAX_COMMAND_BYTES:
-                        self.assembling.clear()
-                        return self._error(pkt.seq, "command too long")
-                    if not pkt.continuation:
-                        payload = bytes(self.assembling)
-                        self.assembling.clear()
-                        self._queue(list(session.command(payload)))
-                        self.close_after_send = session.closing
-            except Vanished:
-                self._reset()
+        if session is None or session.stale():
+            if session is not None and session.stale():
+                self._vanish()
                 return None
+            return self._error(pkt.seq, "no session: send Init first")
+        if pkt.data:
+            if session.receiving:
+                try:
+                    for out in session.data(pkt.data):
+                        self.outq.put(out)
+                except Vanished:
+                    self._vanish()
+                    return None
+            elif self.worker is not None and self.worker.is_alive():
+                return self._error(pkt.seq, "busy: the last command is still running")
+            else:
+                self.assembling += pkt.data
+                if len(self.assembling) > p.MAX_COMMAND_BYTES:
+                    self.assembling.clear()
+                    return self._error(pkt.seq, "command too long")
+                if not pkt.continuation:
+                    payload = bytes(self.assembling)
+                    self.assembling.clear()
+                    self._start(session, payload)
             return p.UdpPacket(p.PacketId.FASTBOOT, 0, pkt.seq).encode()
         # An empty packet: the host reads the next piece of what the device has to say.
-        piece = self._pop()
+        piece = self._pop(_UDP_READ_WAIT_S)
         if piece is None:
+            if self.busy:
+                return None  # still working: the host asks again
             return p.UdpPacket(p.PacketId.FASTBOOT, 0, pkt.seq).encode()
         reply = p.UdpPacket(p.PacketId.FASTBOOT, piece[0], pkt.seq, piece[1]).encode()
-        if self.close_after_send and not self._has_more():
+        if session.closing and not self._has_more():
             session.finish()
             self._reset()
         return reply
 
-    def _pop(self) -> tuple[int, bytes] | None:
+    def _start(self, session: PhoneSession, payload: bytes) -> None:
+        # The host has read every answer of the last command: start afresh.
+        outq: queue.Queue[object] = queue.Queue()
+        self.outq = outq
+        self.current = None
+        self.lookahead = None
+        self.busy = True
+
+        def run() -> None:
+            try:
+                for out in session.command(payload):
+                    outq.put(out)
+            except Exception:
+                log.exception("fastboot phone: command failed")
+                outq.put(_fail("internal error of the simulator"))
+            finally:
+                outq.put(_END)
+
+        self.worker = threading.Thread(target=run, name="fb-udp-command", daemon=True)
+        self.worker.start()
+
+    def _next_out(self, wait_s: float) -> object | None:
+        try:
+            item = self.outq.get(timeout=wait_s) if self.busy else self.outq.get_nowait()
+        except queue.Empty:
+            return None
+        if item is _END:
+            self.busy = False
+            return self._next_out(0)
+        return item
+
+    def _pop(self, wait_s: float) -> tuple[int, bytes] | None:
         if self.lookahead is not None:
             item, self.lookahead = self.lookahead, None
             return item
-        return next(self.stream, None)
+        while True:
+            if self.current is not None:
+                piece = next(self.current, None)
+                if piece is not None:
+                    return piece
+                self.current = None
+            out = self._next_out(wait_s)
+            if out is None:
+                return None
+            assert isinstance(out, bytes | DataOut)
+            self.current = self._pieces(out)
 
     def _has_more(self) -> bool:
         if self.lookahead is None:
-            self.lookahead = next(self.stream, None)
-        return self.lookahead is not None
-
-    def _queue(self, outs: list[Out]) -> None:
-        pieces = (piece for out in outs for piece in self._pieces(out))
-        self.stream = itertools.chain(self.stream, pieces)
+            self.lookahead = self._pop(_UDP_READ_WAIT_S if self.busy else 0)
+        return self.lookahead is not None or self.busy
 
     def _pieces(self, out: Out) -> Iterator[tuple[int, bytes]]:
         if isinstance(out, bytes):

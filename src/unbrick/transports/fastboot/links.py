@@ -174,6 +174,9 @@ class TcpLink:
         try:
             sock = self._io(timeout_s)
             sock.sendall(p.frame_header(size))
+            # socket.sendfile's fallback for files without a descriptor reads from the current
+            # position when offset is 0: position the file first.
+            f.seek(offset)
             sent = sock.sendfile(f, offset, size)
         except OSError as e:
             raise _lost(self.description, "the connection was lost while sending data", e) from e
@@ -334,7 +337,8 @@ class UdpLink:
                     raise TransportError(
                         f"fastboot device {self.description} reported a UDP protocol error: "
                         f"{answer.data.decode('ascii', 'replace')}",
-                        hint="reconnect; the device reset its fastboot session",
+                        hint="the device restarted its fastboot session; check that it is still "
+                        "in fastboot mode, then run 'unbrick resume'",
                     )
                 return answer
             if time.monotonic() >= deadline:
