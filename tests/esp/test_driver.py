@@ -15,7 +15,7 @@ from tests.esp.conftest import MiB, fill_flash, need_esptool
 from unbrick.engine.writer import ImageData, Target, verify_range, write_range
 from unbrick.errors import DeviceError, TransportError, UsageError, VerifyError
 from unbrick.model.uri import parse_device_uri
-from unbrick.sim.esp_rom import EspFaults, EspRomSim
+from unbrick.sim.esp_rom import EspChip, EspFaults, EspRomSim
 from unbrick.transports.base import (
     Capability,
     DeviceHash,
@@ -59,6 +59,27 @@ def test_identify(driver: EspDriver, sim: EspRomSim) -> None:
     assert "Dual Core" in ident.extra["features"]
     assert sim.stats.stub_starts == 1
     assert sim.stats.commands["CHANGE_BAUDRATE"] == 1  # 115200 -> 460800
+
+
+def test_an_esp8266(flash_path: Path) -> None:
+    with EspRomSim(flash_path, chip=EspChip(model="esp8266")) as sim:
+        d = open_sim(sim, "chip=esp8266")
+        try:
+            ident = d.identify()
+            assert (ident.model, ident.serial, ident.hw_revision) == (
+                "ESP8266",
+                "24:0a:c4:a1:b2:c3",
+                None,
+            )
+            assert ident.extra["chip"] == "ESP8266EX"
+            assert ident.extra["crystal_mhz"] == "26"
+            image = b"esp8266!" * 3000
+            d.erase(0, 0x6000)
+            d.program(0, image)
+            assert d.read(0, len(image)) == image
+            assert d.device_hash(0, len(image)) == hashlib.sha256(image).hexdigest()
+        finally:
+            d.close()
 
 
 def test_driver_implements_its_capabilities(driver: EspDriver) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.esp.conftest import MiB, esptool, fill_flash, ok
-from unbrick.sim.esp_rom import EspFaults, EspRomSim
+from unbrick.sim.esp_rom import EspChip, EspFaults, EspRomSim
 
 pytestmark = pytest.mark.peer
 
@@ -160,3 +160,25 @@ def test_corrupted_write_is_caught_by_esptools_md5(flash_path: Path, tmp_path: P
     assert hashlib.md5(flash_path.read_bytes()[0x10000 : 0x10000 + len(image)]).digest() != (
         hashlib.md5(image).digest()
     )
+
+
+def test_an_esp8266(flash_path: Path, tmp_path: Path) -> None:
+    image = compressible(60_000)
+    (tmp_path / "fw.bin").write_bytes(image)
+    with EspRomSim(flash_path, chip=EspChip(model="esp8266")) as sim:
+        out = ok(esptool(sim, "chip-id"))
+        assert "Chip type:          ESP8266EX" in out
+        assert "Crystal frequency:  26MHz" in out
+        assert "Chip ID: 0x00a1b2c3" in out
+        assert "Detected flash size: 4MB" in ok(esptool(sim, "flash-id"))
+        # Through the stub (compressed), then through the ROM loader, which has no compressed
+        # writes, no MD5 and the FLASH_BEGIN erase bug esptool works around.
+        ok(esptool(sim, "--baud", "460800", "write-flash", "0x0", "fw.bin", cwd=tmp_path))
+        ok(esptool(sim, "--no-stub", "write-flash", "0x43000", "fw.bin", cwd=tmp_path))
+        out = ok(esptool(sim, "verify-flash", "0x0", "fw.bin", "0x43000", "fw.bin", cwd=tmp_path))
+        assert out.count("Verification successful (digest matched).") == 2
+        assert sim.stats.commands["FLASH_DEFL_DATA"] > 0
+        assert sim.stats.commands["FLASH_DATA"] > 0
+    flash = flash_path.read_bytes()
+    assert flash[: len(image)] == image
+    assert flash[0x43000 : 0x43000 + len(image)] == image

@@ -1,4 +1,5 @@
-"""A simulated ESP32 in its serial download mode: the ROM loader and esptool's flasher stub.
+"""A simulated ESP32 (or ESP8266) in its serial download mode: the ROM loader and esptool's
+flasher stub.
 
 :class:`EspRomSim` opens a pseudo-terminal pair (``os.openpty``) and answers Espressif's serial
 protocol (:mod:`unbrick.transports.esp.protocol`) on the master side; a flasher program opens
@@ -48,6 +49,14 @@ What is modelled:
   the app version from the ``esp_app_desc_t`` of an app image at 0x10000) and no longer
   answers the protocol until the next reset.
 
+**ESP8266** (``EspChip(model="esp8266")``): magic 0xFFF0C101, the MAC in the OTP words at
+0x3FF00050, a 26 MHz crystal (the UART runs from twice it), the SPI controller at 0x60000200
+with the bit lengths in SPI_USR1, two status bytes from the ROM, and a ROM without
+SPI_ATTACH (FLASH_BEGIN attaches the flash), SPI_SET_PARAMS, CHANGE_BAUDRATE,
+FLASH_DEFL_*, SPI_FLASH_MD5 and READ_FLASH_SLOW. Its ROM has the FLASH_BEGIN erase bug: it
+erases the sectors up to the next 64 KiB block twice over (esptool's ``get_erase_size``
+sends the size that makes this come out right). With the stub it behaves as the ESP32 does.
+
 Faults (:class:`EspFaults`, settable while running with :meth:`EspRomSim.set_faults`):
 ``no_sync`` (the chip is not in download mode: nothing is answered, so esptool fails with
 "Failed to connect"), ``corrupt_writes`` (that many flash program operations, or all with -1,
@@ -78,7 +87,6 @@ from types import TracebackType
 
 from unbrick.errors import SourceError, UsageError
 from unbrick.transports.esp.protocol import (
-    ROM_STATUS_BYTES,
     STUB_GREETING,
     STUB_STATUS_BYTES,
     SYNC_PAYLOAD,
@@ -103,30 +111,93 @@ KiB = 1024
 MiB = 1024 * KiB
 SECTOR_BYTES = 4 * KiB
 
-# Addresses esptool reads on an ESP32 (esptool/targets/esp32.py names the same ones).
+# Addresses esptool reads (esptool/targets/esp32.py and esp8266.py name the same ones).
 CHIP_MAGIC_ADDR = 0x40001000
 ESP32_MAGIC = 0x00F01D83
+ESP8266_MAGIC = 0xFFF0C101
 EFUSE_BASE = 0x3FF5A000
 APB_CTL_DATE_ADDR = 0x3FF6607C
-UART_CLKDIV_ADDR = 0x3FF40014
 RTC_CALI_ADDR = 0x3FF5F06C
 GPIO_STRAP_ADDR = 0x3FF44038
-SPI_BASE = 0x3FF42000
-SPI_CMD = SPI_BASE + 0x00
-SPI_ADDR = SPI_BASE + 0x04
-SPI_USR = SPI_BASE + 0x1C
-SPI_USR1 = SPI_BASE + 0x20
-SPI_USR2 = SPI_BASE + 0x24
-SPI_MOSI_DLEN = SPI_BASE + 0x28
-SPI_MISO_DLEN = SPI_BASE + 0x2C
-SPI_W0 = SPI_BASE + 0x80
+ESP8266_OTP_MAC0 = 0x3FF00050
+ESP8266_OTP_MAC1 = 0x3FF00054
+ESP8266_OTP_MAC3 = 0x3FF0005C
 SPI_CMD_USR = 1 << 18
 SPI_USR_ADDR = 1 << 30
 SPI_USR_MISO = 1 << 28
 SPI_USR_MOSI = 1 << 27
 
-#: RAM the ROM loader accepts MEM_BEGIN for (DRAM, IRAM, RTC fast memory).
-RAM_REGIONS = ((0x3FF80000, 0x40000000), (0x40070000, 0x400C2000))
+
+@dataclass(frozen=True)
+class _Variant:
+    """What differs between the simulated chips."""
+
+    name: str
+    magic: int
+    #: Status bytes of the ROM loader's responses (the stub always sends 2).
+    rom_status_bytes: int
+    spi_base: int
+    spi_w0: int
+    #: ESP32: bit lengths in SPI_MOSI_DLEN/SPI_MISO_DLEN; ESP8266: in SPI_USR1.
+    spi_dlen_registers: bool
+    uart_clkdiv: int
+    #: The UART runs from the crystal (ESP32) or from twice it (ESP8266).
+    xtal_multiplier: int
+    ram: tuple[tuple[int, int], ...]
+    #: Commands this chip's ROM loader does not have.
+    rom_lacks: frozenset[int]
+    #: The ESP8266 ROM attaches the flash on FLASH_BEGIN (it has no SPI_ATTACH).
+    attach_on_begin: bool
+    #: The ESP8266 ROM's FLASH_BEGIN erase bug (esptool's get_erase_size works around it).
+    erase_bug: bool
+    default_crystal_mhz: int
+
+
+ESP32 = _Variant(
+    name="esp32",
+    magic=ESP32_MAGIC,
+    rom_status_bytes=4,
+    spi_base=0x3FF42000,
+    spi_w0=0x80,
+    spi_dlen_registers=True,
+    uart_clkdiv=0x3FF40014,
+    xtal_multiplier=1,
+    # DRAM, IRAM and RTC fast memory.
+    ram=((0x3FF80000, 0x40000000), (0x40070000, 0x400C2000)),
+    rom_lacks=frozenset({Op.GET_SECURITY_INFO}),
+    attach_on_begin=False,
+    erase_bug=False,
+    default_crystal_mhz=40,
+)
+ESP8266 = _Variant(
+    name="esp8266",
+    magic=ESP8266_MAGIC,
+    rom_status_bytes=2,
+    spi_base=0x60000200,
+    spi_w0=0x40,
+    spi_dlen_registers=False,
+    uart_clkdiv=0x60000014,
+    xtal_multiplier=2,
+    ram=((0x3FFE8000, 0x40000000), (0x40100000, 0x40120000)),
+    rom_lacks=frozenset(
+        {
+            Op.SPI_ATTACH,
+            Op.SPI_SET_PARAMS,
+            Op.CHANGE_BAUDRATE,
+            Op.FLASH_DEFL_BEGIN,
+            Op.FLASH_DEFL_DATA,
+            Op.FLASH_DEFL_END,
+            Op.SPI_FLASH_MD5,
+            Op.READ_FLASH_SLOW,
+            Op.GET_SECURITY_INFO,
+        }
+    ),
+    attach_on_begin=True,
+    erase_bug=True,
+    default_crystal_mhz=26,
+)
+VARIANTS = {v.name: v for v in (ESP32, ESP8266)}
+
 #: The ROM loader's flash size until SPI_SET_PARAMS sets one.
 ROM_DEFAULT_FLASH_BYTES = 2 * MiB
 #: The 8-bit calibration constant in eFuse word 4 (EFUSE_RD_CK8M_FREQ).
@@ -134,6 +205,7 @@ CK8M_FREQ = 50
 ROM_SYNC_VALUE = 0x55201207
 SYNC_REPLIES = 8
 ROM_BANNER = "ets Jun  8 2016 00:22:57\r\n\r\n"
+ESP8266_BANNER = "\r\n ets Jan  8 2013,rst cause:2, boot mode:(3,7)\r\n\r\n"
 APP_DESC_MAGIC = 0xABCD5432
 
 _BAUD_CONSTANTS = {
@@ -151,26 +223,40 @@ class ChipState(enum.Enum):
 
 @dataclass(frozen=True)
 class EspChip:
-    """What the simulated ESP32 reports about itself."""
+    """What the simulated chip reports about itself."""
 
-    #: Base MAC address (eFuse BLOCK0), six bytes.
+    #: "esp32" or "esp8266".
+    model: str = "esp32"
+    #: Base MAC address (ESP32: eFuse BLOCK0; ESP8266: OTP), six bytes.
     mac: bytes = bytes.fromhex("240ac4a1b2c3")
+    #: ESP32 chip revision (eFuse and APB_CTL_DATE bits).
     revision_major: int = 3
     revision_minor: int = 0
-    #: eFuse package version: 1 is ESP32-D0WD(-V3).
+    #: ESP32 eFuse package version: 1 is ESP32-D0WD(-V3).
     package: int = 1
-    crystal_mhz: int = 40
+    #: None: 40 MHz on the ESP32, 26 MHz on the ESP8266.
+    crystal_mhz: int | None = None
     #: JEDEC manufacturer and memory type of the SPI flash (Winbond W25Q series).
     flash_manufacturer: int = 0xEF
     flash_memory_type: int = 0x40
 
     def __post_init__(self) -> None:
+        if self.model not in VARIANTS:
+            raise UsageError(f"model={self.model!r}: use one of {', '.join(VARIANTS)}")
         if len(self.mac) != 6:
-            raise UsageError("an ESP32 MAC address has 6 bytes")
+            raise UsageError("a MAC address has 6 bytes")
         if self.revision_major not in (0, 1, 2, 3) or not 0 <= self.revision_minor <= 3:
             raise UsageError("ESP32 revisions are v0.x to v3.x with x in 0..3")
-        if self.crystal_mhz not in (26, 40):
-            raise UsageError("an ESP32 crystal is 26 or 40 MHz")
+        if self.crystal_mhz not in (None, 26, 40):
+            raise UsageError("an ESP crystal is 26 or 40 MHz")
+
+    @property
+    def variant(self) -> _Variant:
+        return VARIANTS[self.model]
+
+    @property
+    def xtal_mhz(self) -> int:
+        return self.crystal_mhz or self.variant.default_crystal_mhz
 
 
 @dataclass(frozen=True)
@@ -485,7 +571,9 @@ class EspRomSim:
     def _reset_chip_state(self) -> None:
         self._state = ChipState.ROM
         self._attached = False
-        self._flash_limit = ROM_DEFAULT_FLASH_BYTES
+        self._flash_limit = (
+            ROM_DEFAULT_FLASH_BYTES if self.chip.variant is ESP32 else self.flash.size_bytes
+        )
         self._write: _FlashWrite | None = None
         self._mem: _MemLoad | None = None
         self._loaded: list[tuple[int, int]] = []
@@ -495,6 +583,13 @@ class EspRomSim:
     def _initial_registers(self) -> dict[int, int]:
         c = self.chip
         mac = c.mac
+        if c.variant is ESP8266:
+            return {
+                CHIP_MAGIC_ADDR: ESP8266_MAGIC,
+                ESP8266_OTP_MAC0: mac[5] << 24,
+                ESP8266_OTP_MAC1: (mac[3] << 8) | mac[4],
+                ESP8266_OTP_MAC3: int.from_bytes(mac[0:3], "big"),
+            }
         crc = _crc8_maxim(mac)
         efuse = [0] * 16
         efuse[1] = int.from_bytes(mac[2:6], "big")
@@ -506,43 +601,57 @@ class EspRomSim:
         regs = {EFUSE_BASE + 4 * i: v for i, v in enumerate(efuse)}
         regs[CHIP_MAGIC_ADDR] = ESP32_MAGIC
         regs[APB_CTL_DATE_ADDR] = (rev_bits[2] << 31) | 0x16042000
-        cali = c.crystal_mhz * 1_000_000 * 40 // (15625 * CK8M_FREQ)
+        cali = c.xtal_mhz * 1_000_000 * 40 // (15625 * CK8M_FREQ)
         regs[RTC_CALI_ADDR] = (cali & 0x01FFFFFF) << 7
         regs[GPIO_STRAP_ADDR] = 0x03  # GPIO0 low at reset: download boot
         return regs
 
     def _read_reg(self, address: int) -> int:
-        if address == UART_CLKDIV_ADDR:
-            return round(self.chip.crystal_mhz * 1_000_000 / self._line_baud()) & 0xFFFFF
+        v = self.chip.variant
+        if address == v.uart_clkdiv:
+            uart_hz = self.chip.xtal_mhz * 1_000_000 * v.xtal_multiplier
+            return round(uart_hz / self._line_baud()) & 0xFFFFF
         return self._regs.get(address, 0)
 
     def _write_reg(self, address: int, value: int, mask: int) -> None:
         old = self._regs.get(address, 0)
         self._regs[address] = (old & ~mask | value & mask) & 0xFFFFFFFF
-        if address == SPI_CMD and self._regs[address] & SPI_CMD_USR:
+        spi_cmd = self.chip.variant.spi_base
+        if address == spi_cmd and self._regs[address] & SPI_CMD_USR:
             self._spi_user_command()
-            self._regs[SPI_CMD] &= ~SPI_CMD_USR
+            self._regs[spi_cmd] &= ~SPI_CMD_USR
 
     def _spi_user_command(self) -> None:
+        """The SPI controller's "user command": the registers esptool set up, run on the chip."""
+        v = self.chip.variant
         regs = self._regs
-        usr = regs.get(SPI_USR, 0)
-        command = regs.get(SPI_USR2, 0) & 0xFF
+        base = v.spi_base
+        usr = regs.get(base + 0x1C, 0)
+        usr1 = regs.get(base + 0x20, 0)
+        command = regs.get(base + 0x24, 0) & 0xFF
+        if v.spi_dlen_registers:
+            mosi_bits = regs.get(base + 0x28, 0) + 1
+            miso_bits = regs.get(base + 0x2C, 0) + 1
+        else:
+            mosi_bits = ((usr1 >> 17) & 0x1FF) + 1
+            miso_bits = ((usr1 >> 8) & 0x1FF) + 1
         address = 0
         if usr & SPI_USR_ADDR:
-            addr_bits = ((regs.get(SPI_USR1, 0) >> 26) & 0x3F) + 1
-            address = regs.get(SPI_ADDR, 0) >> (32 - addr_bits)
+            addr_bits = ((usr1 >> 26) & 0x3F) + 1
+            address = regs.get(base + 0x04, 0) >> (32 - addr_bits)
+        w0 = base + v.spi_w0
         mosi = b""
         if usr & SPI_USR_MOSI:
-            nbytes = (regs.get(SPI_MOSI_DLEN, 0) + 1 + 7) // 8
+            nbytes = (mosi_bits + 7) // 8
             raw = b"".join(
-                struct.pack("<I", regs.get(SPI_W0 + 4 * i, 0)) for i in range(-(-nbytes // 4))
+                struct.pack("<I", regs.get(w0 + 4 * i, 0)) for i in range(-(-nbytes // 4))
             )
             mosi = raw[:nbytes]
-        miso_len = (regs.get(SPI_MISO_DLEN, 0) + 1 + 7) // 8 if usr & SPI_USR_MISO else 0
+        miso_len = (miso_bits + 7) // 8 if usr & SPI_USR_MISO else 0
         out = self.flash.spi_command(command, address, mosi, miso_len)
         out += b"\x00" * (-len(out) % 4)
         for i in range(len(out) // 4):
-            regs[SPI_W0 + 4 * i] = struct.unpack_from("<I", out, 4 * i)[0]
+            regs[w0 + 4 * i] = struct.unpack_from("<I", out, 4 * i)[0]
 
     def _line_baud(self) -> int:
         try:
@@ -665,7 +774,9 @@ class EspRomSim:
 
     @property
     def _status_len(self) -> int:
-        return STUB_STATUS_BYTES if self._state is ChipState.STUB else ROM_STATUS_BYTES
+        if self._state is ChipState.STUB:
+            return STUB_STATUS_BYTES
+        return self.chip.variant.rom_status_bytes
 
     def _reply(self, op: int, *, value: int = 0, payload: bytes = b"", error: int = 0) -> None:
         data = payload + status_bytes(error, self._status_len)
@@ -683,8 +794,10 @@ class EspRomSim:
             return  # not a command: ignored, as the ROM does
         self.stats.commands[op_name(cmd.op)] += 1
         handler = _HANDLERS.get(cmd.op)
+        in_rom = self._state is ChipState.ROM
         stub_only = cmd.op >= Op.ERASE_FLASH
-        if handler is None or (stub_only and self._state is not ChipState.STUB):
+        lacking = in_rom and (stub_only or cmd.op in self.chip.variant.rom_lacks)
+        if handler is None or lacking:
             code = self._fail_code(RomError.INVALID_MESSAGE, StubError.CMD_NOT_IMPLEMENTED)
             self._reply(cmd.op, error=code)
             return
@@ -756,6 +869,10 @@ class EspRomSim:
             raise EspProtocolError("FLASH_BEGIN takes 4 or 5 words")
         if block_size == 0 and blocks:
             raise _Reply(self._fail_code(RomError.INVALID_MESSAGE, StubError.BAD_BLOCKSIZE))
+        if not stub and self.chip.variant.attach_on_begin:
+            self._attached = True
+        if not stub and self.chip.variant.erase_bug:
+            size = _esp8266_rom_erase_bytes(offset, size)
         self._need_flash(offset, size)
         session = _FlashWrite(
             offset=offset,
@@ -861,7 +978,7 @@ class EspRomSim:
 
     def _cmd_mem_begin(self, cmd: Command, poller: select.poll) -> None:
         size, blocks, block_size, offset = words(cmd.data, 4)
-        if not any(lo <= offset and offset + size <= hi for lo, hi in RAM_REGIONS):
+        if not any(lo <= offset and offset + size <= hi for lo, hi in self.chip.variant.ram):
             raise _Reply(self._fail_code(RomError.FAILED_TO_ACT, StubError.BAD_DATA_LEN))
         self._mem = _MemLoad(offset, size, blocks, block_size)
         self._reply(cmd.op)
@@ -949,6 +1066,13 @@ class EspRomSim:
 
     def boot_log(self) -> str:
         """What the chip prints when it boots from flash (ROM banner, bootloader, app)."""
+        if self.chip.variant is ESP8266:
+            header = self.flash.read(0, 4)
+            if header[0] != 0xE9:
+                return ESP8266_BANNER + "ets_main.c \r\n"
+            return (
+                ESP8266_BANNER + f"load 0x{struct.unpack('<I', self.flash.read(8, 4))[0]:08x}\r\n"
+            )
         lines = [ROM_BANNER + "rst:0x1 (POWERON_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)"]
         header = self.flash.read(0x1000, 4)
         if header[0] != 0xE9:
@@ -998,6 +1122,15 @@ _HANDLERS: dict[int, Callable[[EspRomSim, Command, select.poll], None]] = {
     Op.READ_FLASH: EspRomSim._cmd_read_flash,
     Op.RUN_USER_CODE: EspRomSim._cmd_run_user_code,
 }
+
+
+def _esp8266_rom_erase_bytes(offset: int, erase_size: int) -> int:
+    """What the ESP8266 ROM really erases for FLASH_BEGIN's erase size: it counts the sectors
+    up to the next 64 KiB block twice (esptool's get_erase_size sends the size that makes
+    this come out right)."""
+    sectors = -(-erase_size // SECTOR_BYTES)
+    head = 16 - (offset // SECTOR_BYTES) % 16
+    return (sectors + min(sectors, head)) * SECTOR_BYTES
 
 
 def _crc8_maxim(data: bytes) -> int:

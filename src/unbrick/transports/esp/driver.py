@@ -918,6 +918,12 @@ def _optional(esp: Any, method: str, default: Any, *args: Any) -> Any:
         return fn(*args)
     except NotImplementedError:
         return default
+    except TypeError as e:
+        # esptool 5.6 raises NotImplementedInROMError without its arguments for chips that
+        # lack a method (ESP8266 chip revision): a TypeError naming the class.
+        if "NotImplementedInROMError" in str(e):
+            return default
+        raise
     except Exception as e:
         # esptool's NotImplementedInROMError/NotSupportedError derive from its FatalError.
         if type(e).__name__ in ("NotImplementedInROMError", "NotSupportedError"):
