@@ -162,6 +162,9 @@ def test_erase_without_program_is_carried_out(tmp_path: Path) -> None:
     after = image.read_bytes()
     assert after[0x20000:0x22000] == b"\xff" * 0x2000
     assert after[:0x20000] == before[:0x20000] and after[0x22000:] == before[0x22000:]
+    with opened(uri(W25Q128, image), tmp_path) as dev:
+        dev.erase(0x40000, 0x1000)  # nothing follows: close carries it out
+    assert image.read_bytes()[0x40000:0x41000] == b"\xff" * 0x1000
 
 
 def test_mx25l6436_needs_chip_and_the_error_lists_the_candidates(tmp_path: Path) -> None:

@@ -199,10 +199,10 @@ class FlashromDriver:
         """Carry out an erase still held back, then remove the driver's files."""
         if self._closed:
             return
-        self._closed = True
         try:
             self.flush()
         finally:
+            self._closed = True
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
