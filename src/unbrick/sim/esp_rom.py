@@ -725,13 +725,14 @@ class EspRomSim:
         return None
 
     def _host_closed(self) -> None:
-        self._connected = False
         self._decoder.reset()
         self._frames.clear()
         if self.reset_on_close:
             with self._lock:
                 self._reset_chip_state()
                 self.stats.resets += 1
+        # Last: whoever waits for the host to be gone then sees the chip already reset.
+        self._connected = False
 
     def _next_frame(self, timeout_s: float | None, poller: select.poll) -> bytes | None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -761,7 +762,7 @@ class EspRomSim:
                 n = os.write(self._master, view)
                 view = view[n:]
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self._stop.is_set():
                     log.warning("simulated ESP32: the host stopped reading; output dropped")
                     return
                 select.select([], [self._master], [], 0.1)
