@@ -190,6 +190,9 @@ def test_run_sizes_the_timeout_and_returns_the_report() -> None:
     assert report.read_done
     assert tool.calls == [(["-p", "dummy", "-r", "/x"], 26.0)]
     assert runner.stats.runs == {"read": 1}
+    tool.answers.append(result(FOUND + "Adding fmap layout to global layout.\n"))
+    runner.execute(Request(Programmer("dummy"), layout_from="fmap"), size_bytes=16 << 20)
+    assert tool.calls[-1][1] == 26.0  # looking for the layout may read the whole chip
 
 
 def test_a_hung_write_is_a_device_error_saying_the_chip_may_be_changed() -> None:

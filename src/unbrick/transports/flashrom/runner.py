@@ -451,7 +451,10 @@ class Flashrom:
         DeviceError (the programmer or chip hung).
         """
         argv = build_argv(request)
-        timeout_s = self.timeouts.seconds(request.operation, size_bytes)
+        timed = request.operation
+        if timed is Operation.PROBE and request.layout_from is not None:
+            timed = Operation.READ  # flashrom may read the whole chip looking for the layout
+        timeout_s = self.timeouts.seconds(timed, size_bytes)
         t0 = time.monotonic()
         try:
             result = self.tool.run(argv, timeout_s=timeout_s, check=False)
