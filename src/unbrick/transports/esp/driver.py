@@ -30,8 +30,9 @@ esptool's errors are translated at this boundary (:func:`translate_error`): a ch
 not answer SYNC is a TransportError whose hint says how to enter download mode, lower the baud
 rate and check the cable and power; a port that cannot be opened names the usual causes; link
 faults during a transfer are TransportErrors (the engine then offers ``unbrick resume``);
-refusals by the chip are DeviceErrors. esptool prints through its own logger: while it works
-for this driver, its output goes to this module's ``logging`` logger instead of stdout.
+refusals by the chip are DeviceErrors. esptool prints through its own process-wide logger:
+while it works for this driver, its output goes to this module's ``logging`` logger instead of
+stdout, and esptool calls from several drivers in one process take turns.
 """
 
 from __future__ import annotations
@@ -499,7 +500,7 @@ class EspDriver:
                 Capability.REBOOT,
             }
         )
-        #: ``md5`` is computed by the chip; ``sha256`` is read back and confirmed by its MD5.
+        #: ``md5`` is computed by the chip; ``sha256`` is of bytes the chip's MD5 confirms.
         self.hash_algorithms: tuple[str, ...] = ("md5", "sha256")
         self._clock = clock
         self._sleep = sleep
