@@ -28,7 +28,7 @@ import os
 import struct
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -913,13 +913,3 @@ class _RangeHasher:
         bad = self.ranges[self.i :]
         self.i = len(self.ranges)
         return bad
-
-
-def iter_extents(extents: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
-    """Split extents into pieces of at most ``chunk`` bytes."""
-    for off, n in extents:
-        pos = off
-        while pos < off + n:
-            k = min(chunk, off + n - pos)
-            yield pos, k
-            pos += k
