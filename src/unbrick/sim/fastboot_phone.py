@@ -869,11 +869,11 @@ class FastbootServer:
                     return
                 payload = self._recv(conn, length, session, patience_s=None)
                 for out in session.command(payload):
+                    if session.closing:
+                        # Rebooting: away before the host can reconnect, answer on the way out.
+                        session.finish()
                     self._send_tcp(conn, out)
                 if session.closing:
-                    with contextlib.suppress(OSError):
-                        conn.shutdown(socket.SHUT_RDWR)
-                    session.finish()
                     return
         except (Vanished, EOFError, OSError, p.FastbootProtocolError) as e:
             log.debug("fastboot phone: TCP session ends: %r", e)
