@@ -306,7 +306,11 @@ def test_match_rule_must_set_exactly_one_form() -> None:
         ('success_pattern = "booted"', 'success_pattern = "boot(ed"', ("regular expression",)),
         ('model = "TestDev"', 'model = { pattern = "[unclosed" }', ("regular expression",)),
         ('erase_block = "64KiB"', "erase_block = 3000", ("power of two",)),
-        ('size = "1MiB"', 'size = "device"', ("'device' only for storage types",)),
+        (
+            'type = "nor"\nsize = "1MiB"',
+            'type = "ram"\nsize = "device"',
+            ("'type' in [storage]",),
+        ),
         ('region = "boot"', 'region = "nowhere"', ("'region' in [loader]", "nowhere")),
         (
             'default_region = "firmware"',

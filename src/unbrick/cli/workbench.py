@@ -143,10 +143,10 @@ def _print_plan(plan: Any) -> None:
 @click.option("--allow-critical", is_flag=True, help="Allow writing a critical region.")
 @click.option(
     "--backup-scope",
-    type=click.Choice(["full", "target"]),
+    type=click.Choice(["full", "target", "none"]),
     default=None,
-    help="Back up the whole flash or only what is written [default: the profile's choice "
-    "for the link, else full].",
+    help="Back up the whole flash, only what is written, or nothing [default: the profile's "
+    "choice for the link, else full].",
 )
 @click.option("--sha256", metavar="HEX", help="Expected SHA-256 of IMAGE.")
 @click.option("--sums", type=_image, help="Checksum file listing IMAGE.")

@@ -227,7 +227,7 @@ class Workbench:
     ) -> tuple[DeviceIdentity, Profile | None]:
         address = self._address(uri, profile_id)
         with self._device(address) as dev:
-            identity = cast(Identify, dev).identify()
+            identity = _identify(dev, address)
         return identity, self._match_profile(identity, profile_id, required=False)
 
     def plan(self, uri: str, request: FlashRequest) -> Plan:
@@ -307,7 +307,7 @@ class Workbench:
     def _plan(
         self, address: DeviceAddress, dev: Device, request: FlashRequest, job_id: str
     ) -> Plan:
-        identity = cast(Identify, dev).identify()
+        identity = _identify(dev, address)
         profile = self._match_profile(identity, request.profile_id, required=True)
         assert profile is not None
         image = request.image
@@ -349,6 +349,13 @@ class Workbench:
             )
         target, slot = self._target(dev, profile, request, flash_size, manifest)
         loader = self._loader(profile, request)
+        scope = request.backup_scope or profile.backup_scope(address.protocol)
+        can_back_up = Capability.READ in dev.capabilities and scope != "none"
+        no_backup = ""
+        if Capability.READ not in dev.capabilities:
+            no_backup = f"{address.protocol} links cannot read the device back"
+        elif scope == "none":
+            no_backup = f"profile {profile.id} takes no backup on {address.protocol} links"
         forced = dict(request.forced)
         ctx = checks.PreflightContext(
             identity=identity,
@@ -367,10 +374,8 @@ class Workbench:
             android_info=android_info,
             android_vars=_android_vars(identity),
             backup=checks.BackupStatus(),
-            backup_planned=Capability.READ in dev.capabilities,
-            backup_impossible=""
-            if Capability.READ in dev.capabilities
-            else f"{address.protocol} links cannot read the device back",
+            backup_planned=can_back_up,
+            backup_impossible=no_backup,
             options=checks.PreflightOptions(
                 allow_downgrade=request.allow_downgrade,
                 allow_critical=request.allow_critical,
@@ -378,7 +383,7 @@ class Workbench:
             ),
         )
         result = checks.run_preflight(ctx)
-        steps = ["preflight", "backup"] if Capability.READ in dev.capabilities else ["preflight"]
+        steps = ["preflight", "backup"] if can_back_up else ["preflight"]
         if loader is not None:
             steps.append("stage-loader")
         steps += ["write", "verify"]
@@ -386,8 +391,7 @@ class Workbench:
             steps.append("set-trial-slot")
         steps += ["reboot", "validate", "commit"]
         storage = identity.storage.size_bytes if identity.storage else target.size
-        scope = request.backup_scope or profile.backup_scope(address.protocol)
-        backup_bytes = storage if scope == "full" else target.size
+        backup_bytes = {"full": storage, "target": target.size}.get(scope, 0)
         # Rough: loopback links move ~20 MB/s; boots take seconds. Refined by measured rates.
         estimate = (backup_bytes * 2 + target.size * 2) / 20e6 + profile.boot.timeout_s / 10
         return Plan(
@@ -532,11 +536,14 @@ class Workbench:
                 state = self._move(job_id, state, JobState.BACKUP)
                 with self._step(job_id, "enter-recovery"):
                     self._enter_recovery(dev, plan)
-                if Capability.READ in dev.capabilities:
-                    backup_id = self._backup(job_id, dev, plan, p_backup, opts)
-                else:
+                if Capability.READ not in dev.capabilities:
                     self._skip(job_id, "backup", "this link cannot read the device back")
                     p_backup.finish()
+                elif opts.get("backup_scope") == "none":
+                    self._skip(job_id, "backup", "the profile takes no backup on this link")
+                    p_backup.finish()
+                else:
+                    backup_id = self._backup(job_id, dev, plan, p_backup, opts)
             else:
                 p_backup.finish()
             if state in (JobState.BACKUP, JobState.STAGE_LOADER) and plan.loader_path:
@@ -788,13 +795,14 @@ class Workbench:
         backup_id: str | None,
         cause: Exception,
     ) -> JobResult:
-        if plan.slot is None and backup_id is None and Capability.READ not in dev.capabilities:
+        if plan.slot is None and backup_id is None:
             # Nothing to roll back to: the link could not read the device before the write.
             self._move(job_id, state, JobState.FAILED)
             self._finish(job_id, JobState.FAILED, "failed", error=str(cause))
             hint = (
-                "this link cannot read the device, so no backup was taken: write the region "
-                "again (a retry on a good cable usually works) or flash the vendor's image"
+                "no backup was taken (the link cannot read the device, or the profile takes "
+                "none on it): write the region again (a retry on a good cable usually works) "
+                "or flash the vendor's image"
             )
             if isinstance(cause, VerifyError):
                 raise VerifyError(f"job {job_id}: {cause}", ranges=cause.ranges, hint=hint)
@@ -861,7 +869,7 @@ class Workbench:
         address = parse_device_uri(uri)
         job_id = new_job_id()
         with self._device(address) as dev:
-            identity = cast(Identify, dev).identify()
+            identity = _identify(dev, address)
             profile = self._match_profile(identity, None, required=False)
             chosen: list[Region] | None = None
             if regions:
@@ -933,7 +941,7 @@ class Workbench:
         forced = dict(forced or {})
         job_id = new_job_id()
         with self._device(address) as dev:
-            identity = cast(Identify, dev).identify()
+            identity = _identify(dev, address)
             profile = self._match_profile(identity, profile_id, required=True)
             assert profile is not None
             owner = DeviceIdentity.from_dict(record.meta["device_identity"])
@@ -1134,7 +1142,7 @@ class Workbench:
         # A job cut during its reboot finds the device still starting: wait for it a while.
         wait_s = profile.recovery.wait_s if profile is not None else 0.0
         with self._device(address, wait_s=wait_s) as dev:
-            identity = cast(Identify, dev).identify()
+            identity = _identify(dev, address)
             recorded = DeviceIdentity.from_dict(job.device_identity)
             if not identity.same_device(recorded):
                 raise PreflightError(
@@ -1334,6 +1342,15 @@ def boot_problems(
     if slot is not None and report.booted_slot not in (None, slot):
         problems.append(f"the device booted slot '{report.booted_slot}', not the new '{slot}'")
     return problems
+
+
+def _identify(dev: Device, address: DeviceAddress) -> DeviceIdentity:
+    """The device's identity, with the link it was reached over in ``extra["link"]`` (the
+    generic profiles match on it: ``[match.extra] link = "fastboot"``)."""
+    identity = cast(Identify, dev).identify()
+    if "link" in identity.extra:
+        return identity
+    return dataclasses.replace(identity, extra={**identity.extra, "link": address.protocol})
 
 
 def _android_vars(identity: DeviceIdentity) -> dict[str, str]:

@@ -59,12 +59,12 @@ MATCH_FIELDS = (
     "storage_size",
 )
 #: Storage types whose size may be left to the device (``size = "device"``).
-DEVICE_SIZED = ("block", "emmc")
+DEVICE_SIZED = ("block", "emmc", "spi-nor", "nor", "nand")
 MAX_PROFILE_BYTES = 1 << 20
 
 #: Link protocols a profile may set defaults for (the protocols of device URIs).
 LINK_PROTOCOLS = frozenset(protocol for protocol, _, _ in SCHEMES.values())
-BACKUP_SCOPES = ("full", "target")
+BACKUP_SCOPES = ("full", "target", "none")
 _PARAM = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 _TOP_KEYS = (

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from unbrick.errors import UsageError
@@ -10,7 +11,7 @@ from unbrick.model.uri import DeviceAddress
 from unbrick.transports.base import Device
 
 #: Protocols whose drivers ship in this release.
-AVAILABLE = ("sim", "uboot")
+AVAILABLE = ("sim", "uboot", "fastboot", "flashrom", "block", "esp")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class OpenOptions:
 
     sim_registry: Path | None = None
     timeout_s: float = 10.0
+    #: Overridable checks a driver makes when it opens (``block.removable``) -> the reason.
+    forced: Mapping[str, str] = field(default_factory=dict)
 
 
 def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> Device:
@@ -32,6 +35,22 @@ def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> D
         from unbrick.transports.uboot import open_uboot  # noqa: PLC0415 - drivers load lazily
 
         return open_uboot(address, timeout_s=opts.timeout_s)
+    if address.protocol == "flashrom":
+        from unbrick.transports.flashrom import open_flashrom  # noqa: PLC0415
+
+        return open_flashrom(address, timeout_s=opts.timeout_s)
+    if address.protocol == "esp":
+        from unbrick.transports.esp import open_esp  # noqa: PLC0415
+
+        return open_esp(address, timeout_s=opts.timeout_s)
+    if address.protocol == "fastboot":
+        from unbrick.transports.fastboot.driver import open_fastboot  # noqa: PLC0415
+
+        return open_fastboot(address, timeout_s=opts.timeout_s)
+    if address.protocol == "block":
+        from unbrick.transports.block.driver import open_block  # noqa: PLC0415
+
+        return open_block(address, forced=opts.forced)
     raise UsageError(
         f"no driver for {address.scheme}:// devices in this version of unbrick",
         hint=f"available: {', '.join(p + '://' for p in AVAILABLE)}",
