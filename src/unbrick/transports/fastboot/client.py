@@ -20,13 +20,19 @@ from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from unbrick.errors import DeviceError, ImageError, PreflightError, SourceError, UsageError
-from unbrick.formats import sparse
-from unbrick.formats.base import Context, Source
 from unbrick.transports.fastboot import protocol as p
 from unbrick.transports.fastboot.links import DATA_CHUNK, Link, file_size
+
+if TYPE_CHECKING:
+    from unbrick.formats import sparse
+
+#: Android sparse image magic, little-endian (``unbrick.formats.sparse`` parses the rest; it is
+#: imported only for sparse images, to keep a raw flash's start-up short).
+_SPARSE_MAGIC = b"\x3a\xff\x26\xed"
+_SPARSE_HEADER_BYTES = 28
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,6 @@ class CommandResult:
 class PreparedImage:
     """An image ready for flashing: sent as is, or as sparse pieces under the limit."""
 
-    source: Source
     file: BinaryIO
     #: Size of the file.
     size: int
@@ -322,6 +327,9 @@ class FastbootClient:
     def _download_piece(
         self, piece: sparse.SparsePiece, progress: ProgressCallback | None
     ) -> CommandResult:
+        from unbrick.formats import sparse  # noqa: PLC0415 - only for split images
+        from unbrick.formats.base import Context  # noqa: PLC0415
+
         self._begin_download(piece.size)
         writer = _DataWriter(self.link, self.options.data_timeout_s, progress, DATA_CHUNK * 4)
         piece.write(writer, Context())  # type: ignore[arg-type]
@@ -404,24 +412,31 @@ class FastbootClient:
         size = file_size(f)
         if size <= 0:
             raise UsageError("the image is empty", hint="check the file")
-        src = Source(f, size=size, name=str(image) if isinstance(image, Path) else "")
-        head = src.read_upto(0, sparse.FILE_HEADER_SIZE)
+        f.seek(0)
+        head = f.read(_SPARSE_HEADER_BYTES)
         is_sparse = False
         image_bytes = size
-        try:
-            header = sparse.parse_header(head)
-        except ImageError:
-            pass
-        else:
-            is_sparse = True
-            image_bytes = header.expanded_size
+        if head[:4] == _SPARSE_MAGIC:
+            from unbrick.formats import sparse  # noqa: PLC0415 - only for sparse images
+
+            try:
+                header = sparse.parse_header(head)
+            except ImageError:
+                pass
+            else:
+                is_sparse = True
+                image_bytes = header.expanded_size
         limit = self.max_download_size() or p.MAX_DOWNLOAD_BYTES
         pieces = None
         if size > limit:
+            from unbrick.formats import sparse  # noqa: PLC0415 - only to split images
+            from unbrick.formats.base import Context, Source  # noqa: PLC0415
+
+            src = Source(f, size=size, name=str(image) if isinstance(image, Path) else "")
             pieces = sparse.split_sparse(
                 src, limit, Context(), block_size=self.options.sparse_block_bytes
             )
-        return PreparedImage(src, f, size, image_bytes, is_sparse, pieces)
+        return PreparedImage(f, size, image_bytes, is_sparse, pieces)
 
     def _flash_timeout(self, nbytes: int) -> float:
         return self.options.command_timeout_s + nbytes / max(1, self.options.min_flash_bytes_per_s)

@@ -18,14 +18,12 @@ A locked bootloader is refused before anything is sent (``PreflightError`` with 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from unbrick.errors import (
     DeviceError,
@@ -51,7 +49,9 @@ from unbrick.transports.fastboot.client import (
     looks_locked,
 )
 from unbrick.transports.fastboot.links import UDP_HOST_MAX_PACKET, Link, WaitCallback, open_link
-from unbrick.transports.fastboot.update import UpdatePackage, UpdatePlan, UpdateStep, plan_update
+
+if TYPE_CHECKING:
+    from unbrick.transports.fastboot.update import UpdatePlan, UpdateStep
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +460,11 @@ class FastbootDriver:
 
         PreflightError when it does not fit (android-info.txt, partitions, sizes, lock).
         """
+        from unbrick.transports.fastboot.update import (  # noqa: PLC0415 - zip/manifest code
+            UpdatePackage,
+            plan_update,
+        )
+
         self.require_unlocked("flash partitions")
         with UpdatePackage.open(package) as pkg:
             return plan_update(
@@ -481,6 +486,11 @@ class FastbootDriver:
     ) -> UpdateReport:
         """Carry out ``plan`` step by step (images are extracted one at a time to a
         temporary directory in ``workdir``)."""
+        import shutil  # noqa: PLC0415 - update packages only
+        import tempfile  # noqa: PLC0415
+
+        from unbrick.transports.fastboot.update import UpdatePackage  # noqa: PLC0415
+
         started = time.monotonic()
         self.require_unlocked("flash partitions")
         flashed: list[FlashReport] = []
