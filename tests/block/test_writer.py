@@ -425,12 +425,23 @@ def test_corruption_after_writing_is_rewritten_once(tmp_path: Path) -> None:
     assert read(tmp_path / "out.img") == content
 
 
-@pytest.mark.parametrize("rewrite", [True, False])
-def test_persistent_corruption_fails_naming_the_range(tmp_path: Path, rewrite: bool) -> None:
+@pytest.mark.parametrize(
+    ("rewrite", "how", "schedule"),
+    [(True, "direct", "auto"), (False, "direct", "alongside"), (True, "drop-cache", "auto")],
+)
+def test_persistent_corruption_fails_naming_the_range(
+    tmp_path: Path, rewrite: bool, how: str, schedule: str
+) -> None:
     img, _ = _image(tmp_path)
     at = 3 * MiB + 4096 + 4094  # the 3 bytes straddle two 4 KiB blocks
     _, hook = _corrupter(at, times=99)
-    opts = WriteOptions(chunk_bytes=MiB, before_verify=hook, rewrite_bad=rewrite)  # type: ignore[arg-type]
+    opts = WriteOptions(
+        chunk_bytes=MiB,
+        before_verify=hook,  # type: ignore[arg-type]
+        rewrite_bad=rewrite,
+        verify_read=how,  # type: ignore[arg-type]
+        verify_schedule=schedule,  # type: ignore[arg-type]
+    )
     result = write_image(img, [tmp_path / "out.img"], bmap=None, options=opts)
     t = result.targets[0]
     assert not t.ok and isinstance(t.error, VerifyError)
@@ -455,7 +466,8 @@ def test_bad_range_named_in_bmap_blocks(tmp_path: Path) -> None:
     assert f"(blocks {block})" in err.message
 
 
-def test_read_back_bypasses_the_page_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["direct", "drop-cache"])
+def test_read_back_bypasses_the_page_cache(tmp_path: Path, how: str) -> None:
     """The card's storage changes under a loop device whose page cache still holds what was
     written: a cached read would see good data, the verifier sees the corruption."""
     img, content = _image(tmp_path)
@@ -480,11 +492,16 @@ def test_read_back_bypasses_the_page_cache(tmp_path: Path) -> None:
             os.close(fd)
 
     with loop_device(backing) as dev:
-        opts = WriteOptions(chunk_bytes=MiB, before_verify=hook, rewrite_bad=False)
+        opts = WriteOptions(
+            chunk_bytes=MiB,
+            before_verify=hook,
+            rewrite_bad=False,
+            verify_read=how,  # type: ignore[arg-type]
+        )
         result = write_image(img, [dev], bmap=None, options=opts)
     assert seen == [content[at : at + 2]], "the page cache should still hold the good bytes"
     t = result.targets[0]
-    assert t.verify_method == "o-direct"
+    assert t.verify_method == {"direct": "o-direct", "drop-cache": "drop-cache"}[how]
     assert isinstance(t.error, VerifyError)
     assert t.bad_ranges == ((at - at % 4096, 4096),)
 

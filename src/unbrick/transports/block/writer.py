@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 #: Granularity with which a bad range is reported.
 REPORT_BLOCK = 4 * KiB
+#: Distance between the RWF_NOWAIT probes that check a range left the page cache.
+_PROBE_STEP = 128 * KiB
 _MAX_REPORTED = 64
 
 
@@ -97,9 +100,13 @@ class WriteOptions:
     verify_window_bytes: int = 64 * MiB
     #: Threads reading back each target (several direct reads in flight keep the device busy).
     verify_threads: int = 2
+    #: How a piece is read back: "direct" (O_DIRECT) or "drop-cache" (write the range out,
+    #: drop it from the page cache, check with RWF_NOWAIT reads that it is gone, read it; a
+    #: range still cached is read directly). Where O_DIRECT is refused, drop-cache is used.
+    verify_read: Literal["direct", "drop-cache"] = "direct"
     #: "alongside" (verify while writing), "bursts" (the writer waits while the window is
-    #: verified) or "auto": bursts for regular files, whose direct reads hold the inode lock
-    #: that buffered writes need, alongside for block devices.
+    #: verified) or "auto": bursts for direct reads of regular files (a direct read holds the
+    #: file's inode lock, which would stall each buffered write meanwhile), alongside otherwise.
     verify_schedule: Literal["auto", "alongside", "bursts"] = "auto"
     #: Start the kernel's writeback after this many bytes (0: leave it to the kernel).
     writeback_bytes: int = 32 * MiB
@@ -278,8 +285,11 @@ class _Worker:
         self._cv = threading.Condition()
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._unverified = 0
+        self._drop = opts.verify_read == "drop-cache"
         mode = opts.verify_schedule
-        self._bursts = mode == "bursts" or (mode == "auto" and not target.is_block)
+        self._bursts = mode == "bursts" or (
+            mode == "auto" and not target.is_block and not self._drop
+        )
         self._release = not self._bursts
         self._closed = False
         self._writer = threading.Thread(
@@ -445,10 +455,6 @@ class _Worker:
 
     def _verify_loop(self) -> None:
         dfd = open_reader(self.t.path)
-        if dfd < 0:
-            self.method = "fadvise"
-        elif self.method == "none":
-            self.method = "o-direct"
         buf = mmap.mmap(-1, self.opts.chunk_bytes + 2 * ALIGN)
         try:
             while (item := self._next_to_verify()) is not None:
@@ -497,30 +503,82 @@ class _Worker:
         return dfd
 
     def _read_back(self, dfd: int, buf: mmap.mmap, off: int, n: int) -> tuple[int, bytes]:
-        """The device's bytes ``off``..``off+n``, from the device rather than the cache."""
-        start = off - off % ALIGN
-        end = -(-(off + n) // ALIGN) * ALIGN
+        """The device's bytes ``off``..``off+n``, from the device rather than the cache.
+
+        Direct read (O_DIRECT), or with ``drop-cache`` (or where O_DIRECT is refused) write
+        out, drop and read; a range the drop left cached is read directly after all; with
+        neither, fdatasync, drop and read (reported as "fadvise").
+        """
+        if dfd >= 0 and not self._drop:
+            got = self._direct(dfd, buf, off, n)
+            if got is not None:
+                return dfd, got
+            log.info("%s: O_DIRECT refused; dropping the cache instead", self.t.path)
+            self._drop = True
+            os.close(dfd)
+            dfd = -1
+        dropped = self._read_dropped(off, n)
+        if dropped is not None:
+            self._used("drop-cache")
+            return dfd, dropped
         if dfd >= 0:
-            try:
-                got = self._read_direct(dfd, buf, start, end - start)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise _io_error(self.t.path, "read back", off, e) from e
-                log.info("%s: O_DIRECT refused; dropping the cache instead", self.t.path)
-                os.close(dfd)
-                dfd = -1
-                self.method = "fadvise"
-            else:
-                skip = off - start
-                with memoryview(buf) as view:
-                    return dfd, view[skip : max(skip, min(got, skip + n))].tobytes()
+            got = self._direct(dfd, buf, off, n)
+            if got is not None:
+                return dfd, got
         try:
             os.fdatasync(self.t.fd)
-            os.posix_fadvise(self.t.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.t.fd, off, n, os.POSIX_FADV_DONTNEED)
             data = os.pread(self.t.fd, n, off)
         except OSError as e:
             raise _io_error(self.t.path, "read back", off, e) from e
+        self._used("fadvise")
         return dfd, data
+
+    def _direct(self, dfd: int, buf: mmap.mmap, off: int, n: int) -> bytes | None:
+        """A direct read of ``off``..``off+n`` through aligned ``buf``; None on EINVAL."""
+        start = off - off % ALIGN
+        end = -(-(off + n) // ALIGN) * ALIGN
+        try:
+            count = self._read_direct(dfd, buf, start, end - start)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise _io_error(self.t.path, "read back", off, e) from e
+        self._used("o-direct")
+        skip = off - start
+        with memoryview(buf) as view:
+            return view[skip : max(skip, min(count, skip + n))].tobytes()
+
+    def _used(self, method: str) -> None:
+        """Record how pieces were read back (the weakest method used wins the label)."""
+        order = ("none", "o-direct", "drop-cache", "fadvise")
+        with self._lock:
+            if order.index(method) > order.index(self.method):
+                self.method = method
+
+    def _read_dropped(self, off: int, n: int) -> bytes | None:
+        """Write the range out, drop it from the page cache and read it from the device.
+
+        None when a probe (RWF_NOWAIT reads, which fail for pages not in the cache) finds part
+        of the range still cached: the caller then reads it directly.
+        """
+        fd = self.t.fd
+        try:
+            _sync_range(fd, off, n)
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+            probe = bytearray(1)
+            for at in [*range(off, off + n, _PROBE_STEP), off + n - 1]:
+                try:
+                    if os.preadv(fd, [probe], at, os.RWF_NOWAIT) > 0:
+                        log.debug("%s: offset %d is still cached", self.t.path, at)
+                        return None
+                except BlockingIOError:
+                    continue  # not in the cache: as it should be
+            return os.pread(fd, n, off)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise _io_error(self.t.path, "read back", off, e) from e
 
     @staticmethod
     def _read_direct(dfd: int, buf: mmap.mmap, start: int, length: int) -> int:
@@ -560,6 +618,38 @@ class _Worker:
             elapsed_s=self.elapsed,
             checks=self.t.checks,
         )
+
+
+#: SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+_SYNC_FLAGS = 1 | 2 | 4
+
+
+def _sync_range(fd: int, off: int, n: int) -> None:
+    """Write ``off``..``off+n`` of ``fd`` out and wait (sync_file_range; fdatasync without)."""
+    fn = _libc_sync_file_range()
+    if fn is None:
+        os.fdatasync(fd)
+        return
+    if fn(fd, off, n, _SYNC_FLAGS) != 0:
+        import ctypes  # noqa: PLC0415 - only to read errno
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (the os module has no binding), bound once."""
+    try:
+        import ctypes  # noqa: PLC0415 - loaded on first use only
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _io_error(path: str, what: str, off: int, e: OSError) -> DeviceError:
