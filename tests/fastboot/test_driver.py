@@ -273,6 +273,9 @@ def test_update_checked_then_flashed(serve: ServeFactory, link: str, tmp_path: P
         ]
         assert plan.product == "unbrick-phone" and plan.slot == "a" and not plan.overridden
         assert [s.image_bytes for s in plan.steps] == [2 * MiB, 1 * MiB, 16 * MiB]
+        summary = plan.to_dict()
+        assert summary["product"] == "unbrick-phone"
+        assert [s["target"] for s in summary["steps"]] == ["boot_a", "boot_b", "system_a"]
         # Nothing is written by planning.
         assert served.part("boot_a") == bytes(4 * MiB)
         seen: list[str] = []
@@ -295,8 +298,11 @@ def test_update_on_the_slot_asked_for(phone: Served, tmp_path: Path) -> None:
             "flash system.img -> system_b",
             "erase userdata",
         ]
-        phone.phone.erase_silently("userdata")
         (phone.dir / "userdata.img").write_bytes(b"\xff" * (1 * MiB))
+        # A resumed job starts at the step that did not finish.
+        report = drv.apply_update(plan, start_at=1)
+        assert [r.partition for r in report.flashed] == ["system_b"]
+        assert phone.part("boot_b") == bytes(4 * MiB)
         drv.apply_update(plan)
         assert drv.getvar("current-slot") == "b"
     assert phone.part("boot_b")[:8192] == b"\x0b" * 8192

@@ -483,9 +483,12 @@ class FastbootDriver:
         progress: ProgressCallback | None = None,
         on_step: Callable[[UpdateStep], None] | None = None,
         workdir: Path | None = None,
+        start_at: int = 0,
     ) -> UpdateReport:
         """Carry out ``plan`` step by step (images are extracted one at a time to a
-        temporary directory in ``workdir``)."""
+        temporary directory in ``workdir``). ``start_at`` skips the steps before that index
+        (a resumed job: flashing a partition again is harmless, so a job resumes at the step
+        that did not finish)."""
         import shutil  # noqa: PLC0415 - update packages only
         import tempfile  # noqa: PLC0415
 
@@ -500,6 +503,8 @@ class FastbootDriver:
                 if plan.set_active and plan.slot:
                     self.set_active(plan.slot)
                 for n, step in enumerate(plan.steps):
+                    if n < start_at:
+                        continue
                     if on_step is not None:
                         on_step(step)
                     if step.action == "reboot":

@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from unbrick.errors import ImageError, PreflightError, SourceError, UsageError
 from unbrick.formats import sparse
@@ -133,6 +134,27 @@ class UpdatePlan:
     @property
     def flash_steps(self) -> tuple[UpdateStep, ...]:
         return tuple(s for s in self.steps if s.action == "flash")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (for job journals and repair logs)."""
+        return {
+            "package": str(self.package),
+            "product": self.product,
+            "slot": self.slot,
+            "set_active": self.set_active,
+            "steps": [
+                {
+                    "action": s.action,
+                    "partition": s.partition,
+                    "image": s.image,
+                    "target": s.target,
+                    "image_bytes": s.image_bytes,
+                }
+                for s in self.steps
+            ],
+            "overridden": list(self.overridden),
+            "warnings": list(self.warnings),
+        }
 
 
 # --------------------------------------------------------------------------------------------

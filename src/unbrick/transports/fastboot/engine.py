@@ -1,0 +1,128 @@
+"""The fastboot driver as the flash workflow sees it: a device of named partitions that takes
+whole images (``Capability.PARTITIONS`` and ``Capability.IMAGE_WRITE``).
+
+fastboot cannot read partitions back (except ``fetch`` on recent bootloaders, used by
+``FastbootDriver.read_partition`` directly), so the workflow takes no backup and verifies by
+the device's answer to ``flash`` (OKAY after it wrote and, for sparse images, checked every
+chunk). Partition sizes from ``getvar all`` (``partition-size:NAME``) go into the identity's
+``extra``, where the ``image.size`` pre-flight check finds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from unbrick.errors import DeviceError, PreflightError
+from unbrick.model.identity import DeviceIdentity
+from unbrick.model.uri import DeviceAddress
+from unbrick.transports.base import (
+    BootReport,
+    BootState,
+    Capability,
+    ImageWriteResult,
+    WriteTarget,
+)
+from unbrick.transports.fastboot.driver import FastbootDriver, UpdateReport, open_fastboot
+from unbrick.transports.fastboot.update import UpdatePlan, UpdateStep
+
+log = logging.getLogger(__name__)
+
+_SIZE_PREFIX = "partition-size:"
+
+
+class FastbootDevice:
+    """Wraps :class:`FastbootDriver` for :class:`unbrick.engine.workflow.Workbench`."""
+
+    def __init__(self, driver: FastbootDriver) -> None:
+        self.driver = driver
+        self.address: DeviceAddress = driver.address
+        self.capabilities: frozenset[Capability] = driver.capabilities | {
+            Capability.IMAGE_WRITE,
+            Capability.PARTITIONS,
+        }
+        self.max_transfer = 1 << 20
+        #: Formats written as they are: sparse images go in pieces of max-download-size.
+        self.image_formats = frozenset({"android-sparse"})
+
+    def identify(self) -> DeviceIdentity:
+        identity = self.driver.identify()
+        sizes = {k: v for k, v in self.driver.variables().items() if k.startswith(_SIZE_PREFIX)}
+        return DeviceIdentity(
+            model=identity.model,
+            serial=identity.serial,
+            hw_revision=identity.hw_revision,
+            region=identity.region,
+            bootloader_version=identity.bootloader_version,
+            firmware_version=identity.firmware_version,
+            security_version=identity.security_version,
+            storage=identity.storage,
+            extra={**identity.extra, **sizes},
+        )
+
+    def partition_size(self, name: str) -> int | None:
+        """The partition's size; None when the device has no such partition or will not say."""
+        try:
+            return self.driver.partition_size(name)
+        except (PreflightError, DeviceError):
+            return None
+
+    def write_image(
+        self,
+        target: WriteTarget,
+        image: Path,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImageWriteResult:
+        report = self.driver.flash_partition(target.region, image, progress=progress)
+        return ImageWriteResult(
+            bytes_written=report.image_bytes,
+            verified_by="fastboot OKAY",
+            detail={
+                "partition": report.partition,
+                "sparse": report.sparse,
+                "download_pieces": report.pieces,
+                "sent_bytes": report.sent_bytes,
+            },
+        )
+
+    def prepare_update(self, package: Path, *, forced: Collection[str] = ()) -> UpdatePlan:
+        """Check an update.zip against the device (android-info.txt, partitions, sizes)."""
+        return self.driver.prepare_update(package, forced=forced)
+
+    def apply_update(
+        self,
+        plan: UpdatePlan,
+        *,
+        progress: Callable[[int], None] | None = None,
+        on_step: Callable[[UpdateStep], None] | None = None,
+        workdir: Path | None = None,
+    ) -> UpdateReport:
+        return self.driver.apply_update(plan, progress=progress, on_step=on_step, workdir=workdir)
+
+    def reboot(self, timeout_s: float) -> BootReport:
+        return self.driver.reboot(timeout_s)
+
+    def enter_recovery(self, timeout_s: float) -> None:
+        self.driver.enter_recovery(timeout_s)
+
+    def boot_state(self) -> BootState:
+        return self.driver.boot_state()
+
+    def set_trial(self, slot: str) -> None:
+        self.driver.set_trial(slot)
+
+    def commit(self, slot: str) -> None:
+        self.driver.commit(slot)
+
+    def close(self) -> None:
+        self.driver.close()
+
+
+def open_fastboot_device(address: DeviceAddress, *, timeout_s: float = 10.0) -> FastbootDevice:
+    """Open ``fastboot+tcp|udp|usb://...`` for the flash workflow."""
+    return FastbootDevice(open_fastboot(address, timeout_s=timeout_s))
+
+
+__all__ = ["FastbootDevice", "open_fastboot_device"]
