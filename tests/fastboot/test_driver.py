@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -379,3 +379,16 @@ def test_update_refusals(phone: Served, tmp_path: Path) -> None:
             drv.prepare_update(tmp_path / "h.zip")
     assert phone.part("boot_a") == bytes(4 * MiB)
     assert phone.part("system_a") == bytes(16 * MiB)
+
+
+def test_session_after_a_lost_link(serve: ServeFactory, tmp_path: Path) -> None:
+    """A download cut by the device ends the session; the next call reconnects."""
+    served = serve(faults=PhoneFaults(disconnect_after_bytes=1 * MiB, offline_s=0.3))
+    data = random_image(tmp_path / "boot.img", 2 * MiB)
+    drv = open_fastboot(parse_device_uri(served.url() + "?timeout=1"), timeout_s=5.0)
+    with closing(drv):
+        with pytest.raises(TransportError):
+            drv.flash_partition("boot", tmp_path / "boot.img")
+        assert drv._client is None
+        drv.flash_partition("boot", tmp_path / "boot.img")
+    assert served.part("boot_a") == padded(data, 4 * MiB)

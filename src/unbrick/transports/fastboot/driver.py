@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
-from contextlib import ExitStack
+from collections.abc import Callable, Collection, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -142,6 +142,15 @@ class FastbootDriver:
         self.close()
         self._forget()
 
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A broken link ends the session: the next call reconnects (waiting for the device)."""
+        try:
+            yield
+        except TransportError:
+            self._drop()
+            raise
+
     def _forget(self) -> None:
         self._vars = None
         self._answers = {}
@@ -158,7 +167,8 @@ class FastbootDriver:
         """``getvar all`` (cached until something changes); {} when the device lacks it."""
         if self._vars is None:
             try:
-                self._vars = self.client.getvar_all()
+                with self._guard():
+                    self._vars = self.client.getvar_all()
             except FastbootFailure:
                 self._vars = {}
         return self._vars
@@ -169,7 +179,8 @@ class FastbootDriver:
         if found:
             return found
         if name not in self._answers:
-            self._answers[name] = self.client.getvar_optional(name)
+            with self._guard():
+                self._answers[name] = self.client.getvar_optional(name)
         return self._answers[name]
 
     def identify(self) -> DeviceIdentity:
@@ -316,7 +327,8 @@ class FastbootDriver:
                 1 if prepared.pieces is None else len(prepared.pieces),
             )
             try:
-                return client.flash_prepared(target, prepared, progress=progress)
+                with self._guard():
+                    return client.flash_prepared(target, prepared, progress=progress)
             except FastbootFailure as e:
                 raise self._maybe_locked(e, "flash partitions") from e
 
@@ -330,7 +342,8 @@ class FastbootDriver:
         self.require_unlocked("erase partitions")
         target = self.resolve_partition(name, slot)
         try:
-            self.client.erase(target)
+            with self._guard():
+                self.client.erase(target)
         except FastbootFailure as e:
             raise self._maybe_locked(e, "erase partitions") from e
 
@@ -338,7 +351,8 @@ class FastbootDriver:
         self.require_unlocked("change the active slot")
         letter = self._slot_letter(slot)
         try:
-            self.client.set_active(letter)
+            with self._guard():
+                self.client.set_active(letter)
         except FastbootFailure as e:
             raise self._maybe_locked(e, "change the active slot") from e
         self._forget()
@@ -369,13 +383,15 @@ class FastbootDriver:
         if offset < 0 or length < 0 or offset + length > total:
             raise UsageError(f"range {offset}+{length} is outside '{target}' ({total} bytes)")
         try:
-            return self.client.fetch(target, out, offset=offset, size=length, progress=progress)
+            with self._guard():
+                return self.client.fetch(target, out, offset=offset, size=length, progress=progress)
         except FastbootFailure as e:
             raise self._maybe_locked(e, "send partitions back") from e
 
     def oem(self, command: str) -> CommandResult:
         """An ``oem`` command from the profile's allow-list (never a lock/unlock command)."""
-        return self.client.oem(command, self.options.oem_allow)
+        with self._guard():
+            return self.client.oem(command, self.options.oem_allow)
 
     # ---------------------------------------------------------------------------------------
     # Reboot and boot control
@@ -499,7 +515,7 @@ class FastbootDriver:
         flashed: list[FlashReport] = []
         tmp = Path(tempfile.mkdtemp(prefix="fastboot-update-", dir=workdir))
         try:
-            with UpdatePackage.open(plan.package) as pkg:
+            with self._guard(), UpdatePackage.open(plan.package) as pkg:
                 if plan.set_active and plan.slot:
                     self.set_active(plan.slot)
                 for n, step in enumerate(plan.steps):
