@@ -191,10 +191,16 @@ class TcpLink:
         left = size
         buf = bytearray(min(DATA_CHUNK, max(size, 1)))
         view = memoryview(buf)
+        empty = 0
         try:
             while left > 0:
                 if self._left == 0:
                     self._left = p.parse_frame_header(_recv_exact(sock, p.TCP_LENGTH_BYTES))
+                    empty = 0 if self._left else empty + 1
+                    if empty > 1000:
+                        raise p.FastbootProtocolError(
+                            f"fastboot device {self.description} sends empty messages only"
+                        )
                     continue
                 want = min(left, self._left, len(buf))
                 n = sock.recv_into(view[:want])
