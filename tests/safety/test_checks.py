@@ -104,6 +104,7 @@ def test_a_good_job_passes_every_check_in_order() -> None:
         "region.critical",
         "backup.verified",
         "device.identity",
+        "device.unlocked",
     )
 
 
@@ -489,3 +490,16 @@ def test_integrity_facts_from_a_verify_report() -> None:
     assert facts == IntegrityFacts.from_dict(report.to_dict())
     assert facts.checks[1] == IntegrityCheckFacts("openpgp", False, "bad", "SignatureError")
     assert IntegrityFacts.from_report(None) == IntegrityFacts()
+
+
+def test_device_unlocked() -> None:
+    assert check(base_ctx(), "device.unlocked") == (True, "the device reports no bootloader lock")
+    unlocked = ident(extra={"unlocked": "yes"})
+    assert check(base_ctx(identity=unlocked), "device.unlocked") == (
+        True,
+        "the bootloader is unlocked",
+    )
+    result = run_preflight(base_ctx(identity=ident(extra={"unlocked": "no"})))
+    r = result.get("device.unlocked")
+    assert not r.passed and not r.overridable
+    assert "never unlocks it" in r.message and "erases all user data" in r.message

@@ -210,6 +210,12 @@ def flash(
         backup_scope=backup_scope,
     )
     sink = _sink(as_json)
+    if _is_update_package(uri, image, region, offset):
+        with sink, workbench(sink, profile) as (wb, _):
+            _confirm(f"Flash the update package {image.name} to {uri}?", yes, as_json)
+            result = wb.flash_update(uri, image, forced=dict(request.forced))
+            _report(result.to_dict(), as_json, sink)
+        return 0
     with sink, workbench(sink, profile) as (wb, chosen):
         request = _with_profile(request, chosen)
         plan = wb.plan(uri, request)
@@ -233,6 +239,19 @@ def flash(
         result = wb.flash(uri, request, plan=plan)
         _report(result.to_dict(), as_json, sink)
     return 0
+
+
+def _is_update_package(uri: str, image: Path, region: str | None, offset: str | None) -> bool:
+    """A fastboot ``update.zip`` given without a partition: flashed image by image."""
+    import zipfile
+
+    scheme = uri.split(":", 1)[0]
+    return (
+        scheme.startswith("fastboot")
+        and region is None
+        and offset is None
+        and zipfile.is_zipfile(image)
+    )
 
 
 def _with_profile(request: Any, chosen: str | None) -> Any:

@@ -35,7 +35,7 @@ from unbrick.errors import JobError, SourceError, UsageError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flash", "restore", "backup")
+KINDS = ("flash", "restore", "backup", "update")
 OUTCOMES = ("success", "refused", "failed", "rolled_back", "cancelled")
 STEP_RESULTS = ("ok", "failed", "skipped")
 
@@ -78,7 +78,7 @@ class JobRecord:
     id: str
     created_at: float
     updated_at: float
-    #: flash | restore | backup
+    #: flash | restore | backup | update
     kind: str
     #: The workflow state name (unbrick.engine.states.JobState values).
     state: str

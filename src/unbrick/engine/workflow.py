@@ -59,6 +59,7 @@ from unbrick.transports.base import (
     Device,
     Identify,
     ImageWrite,
+    Partitions,
     Reboot,
     WriteTarget,
 )
@@ -304,6 +305,106 @@ class Workbench:
             root = progress or Progress("flash")
             return self._run(job_id, dev, plan, state, root, start_write_at=0, backup_id=None)
 
+    def flash_update(
+        self,
+        uri: str,
+        package: Path,
+        *,
+        forced: Mapping[str, str] | None = None,
+        operator: str = "",
+        progress: Progress | None = None,
+    ) -> JobResult:
+        """Flash an update package (a fastboot ``update.zip``: android-info.txt checked
+        against the device's own variables, then each image in fastboot's order, slots
+        honoured). Refusals raise before anything is written; the job is journaled."""
+        address = self._address(uri, None)
+        if not package.is_file():
+            raise SourceError(f"{package}: no such file")
+        with self._device(address) as dev:
+            if not hasattr(dev, "prepare_update"):
+                raise UsageError(
+                    f"{address.scheme}:// devices do not take update packages",
+                    hint="update packages (update.zip) are for fastboot devices",
+                )
+            updater = cast(Any, dev)
+            identity = _identify(dev, address)
+            reasons = dict(forced or {})
+            plan = updater.prepare_update(package, forced=tuple(reasons))
+            job_id = new_job_id()
+            steps = [
+                {"action": st.action, "partition": st.partition, "target": st.target}
+                for st in plan.steps
+            ]
+            job = JobRecord(
+                id=job_id,
+                created_at=time.time(),
+                updated_at=time.time(),
+                kind="update",
+                state=JobState.PLANNED.value,
+                outcome=None,
+                operator=operator or _operator(),
+                device_uri=uri,
+                device_identity=identity.to_dict(),
+                image={
+                    "path": str(package),
+                    "name": package.name,
+                    "sha256": _file_sha256(package),
+                    "size": package.stat().st_size,
+                    "format": "update-zip",
+                },
+                plan={"product": plan.product, "slot": plan.slot, "steps": steps},
+                options={"forced": reasons, "overridden": list(plan.overridden)},
+                data={},
+            )
+            self.store.create_job(job)
+            state = self._move(job_id, JobState.PLANNED, JobState.PREFLIGHT)
+            with self._step(job_id, "preflight") as detail:
+                detail["product"] = plan.product
+                detail["overridden"] = list(plan.overridden)
+                detail["warnings"] = list(plan.warnings)
+            state = self._move(job_id, state, JobState.WRITE)
+            root = progress or Progress("update")
+            root.on_change = root.on_change or (
+                lambda node: self.sink.emit(progress_event(node, job_id))
+            )
+            total = sum(st.image_bytes for st in plan.steps) or 1
+            p_write = root.child("write", total=total, unit="B")
+            done = [0]
+
+            def on_step(step: Any) -> None:
+                self._event(job_id, "note", "update-step", action=step.action, target=step.target)
+
+            def on_bytes(n: int) -> None:
+                p_write.set(done[0] + n)
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                with self._step(job_id, "write", steps=len(steps)) as detail:
+                    report = updater.apply_update(
+                        plan, progress=on_bytes, on_step=on_step, workdir=self.workdir
+                    )
+                    detail["flashed"] = [r.partition for r in report.flashed]
+                state = self._move(job_id, state, JobState.VERIFY)
+                with self._step(job_id, "verify") as detail:
+                    detail["method"] = "link (fastboot OKAY for every image)"
+                state = self._move(job_id, state, JobState.REBOOT)
+                with self._step(job_id, "reboot") as detail:
+                    boot = updater.reboot(30.0)
+                    detail.update(state=boot.state, slot=boot.booted_slot)
+            except (TransportError, DeviceError) as e:
+                self._move(job_id, state, JobState.FAILED)
+                self._finish(job_id, JobState.FAILED, "failed", error=str(e))
+                raise DeviceError(
+                    f"job {job_id} interrupted in step '{state.value}': {e}",
+                    hint="bring the device back to fastboot mode and flash the package again",
+                ) from e
+            state = self._move(job_id, state, JobState.VALIDATE)
+            state = self._move(job_id, state, JobState.COMMIT)
+            state = self._move(job_id, state, JobState.DONE)
+            self._finish(job_id, JobState.DONE, "success")
+            p_write.finish()
+            return JobResult(job_id, JobState.DONE, "success", boot=boot)
+
     def _plan(
         self, address: DeviceAddress, dev: Device, request: FlashRequest, job_id: str
     ) -> Plan:
@@ -316,7 +417,12 @@ class Workbench:
         report = inspect_path(image)
         flash_path = image
         flash_size = report.size
-        if report.valid and report.format not in FLASHABLE_AS_IS and report.format in TO_RAW:
+        # Formats the link takes as they are (fastboot sends sparse images in pieces).
+        direct: frozenset[str] = getattr(dev, "image_formats", frozenset())
+        stated = report.details.get("expanded_size") if report.valid else None
+        if report.format in direct and isinstance(stated, int):
+            flash_size = stated
+        elif report.valid and report.format not in FLASHABLE_AS_IS and report.format in TO_RAW:
             # Sparse, compressed and address-based images are expanded to what goes on flash.
             # Named by the source's SHA-256: a resumed job finds exactly what it wrote.
             work = self.workdir / "expanded"
@@ -367,7 +473,7 @@ class Workbench:
                 sha256=report.sha256,
                 valid=report.valid and written.valid,
                 problems=tuple(report.problems) + tuple(written.problems),
-                expanded_size_bytes=flash_size if flash_path != image else None,
+                expanded_size_bytes=flash_size if flash_size != report.size else None,
             ),
             integrity=checks.IntegrityFacts.from_report(integrity),
             manifest=manifest,
@@ -454,6 +560,16 @@ class Workbench:
             )
         region = profile.region(name)
         slot: str | None = None
+        if region is None and not profile.slots(name) and Capability.PARTITIONS in dev.capabilities:
+            # A device of named partitions: any partition it has is a target.
+            if cast(Partitions, dev).partition_size(name) is None:
+                raise PreflightError(
+                    f"the device has no partition '{name}'",
+                    check_id="image.size",
+                    hint="check the name against the device's partition list "
+                    "('unbrick device probe --json')",
+                )
+            return Target(name, 0, size, eb), None
         if region is None:
             slots = profile.slots(name)
             if not slots:

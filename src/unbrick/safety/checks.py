@@ -106,6 +106,13 @@ CHECKS: tuple[CheckSpec, ...] = (
         True,
         "the device matches the profile's identification rules and storage size",
     ),
+    CheckSpec(
+        "device.unlocked",
+        False,
+        "a device that reports a bootloader lock state (fastboot 'unlocked') is unlocked",
+        "a locked bootloader refuses every write; unlocking wipes the user's data and is the "
+        "owner's decision, never unbrick's",
+    ),
 )
 CHECK_IDS: tuple[str, ...] = tuple(c.id for c in CHECKS)
 _SPECS: dict[str, CheckSpec] = {c.id: c for c in CHECKS}
@@ -659,6 +666,22 @@ def _region_critical(ctx: PreflightContext) -> _Outcome:
     return _ok(f"critical region {names} allowed by --allow-critical, with a backup")
 
 
+def _device_unlocked(ctx: PreflightContext) -> _Outcome:
+    state = ctx.identity.extra.get("unlocked")
+    if state is None:
+        return _ok("the device reports no bootloader lock")
+    if state.strip().lower() in ("yes", "true", "1"):
+        return _ok("the bootloader is unlocked")
+    return _fail(
+        f"the bootloader of {ctx.identity.model} ({ctx.identity.serial}) is locked: it refuses "
+        "every write, and unbrick never unlocks it. To unlock it yourself: enable 'OEM "
+        "unlocking' in Android's Developer options, boot to fastboot, run 'fastboot flashing "
+        "unlock' (older devices: 'fastboot oem unlock') and confirm on the device; unlocking "
+        "erases all user data",
+        unlocked=state,
+    )
+
+
 def _backup_verified(ctx: PreflightContext) -> _Outcome:
     if ctx.backup.verified:
         which = (
@@ -736,6 +759,7 @@ _RUNNERS: dict[str, Callable[[PreflightContext], _Outcome]] = {
     "region.critical": _region_critical,
     "backup.verified": _backup_verified,
     "device.identity": _device_identity,
+    "device.unlocked": _device_unlocked,
 }
 assert tuple(_RUNNERS) == CHECK_IDS
 

@@ -44,9 +44,9 @@ def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> D
 
         return open_esp(address, timeout_s=opts.timeout_s)
     if address.protocol == "fastboot":
-        from unbrick.transports.fastboot.driver import open_fastboot  # noqa: PLC0415
+        from unbrick.transports.fastboot.engine import open_fastboot_device  # noqa: PLC0415
 
-        return open_fastboot(address, timeout_s=opts.timeout_s)
+        return open_fastboot_device(address, timeout_s=opts.timeout_s)
     if address.protocol == "block":
         from unbrick.transports.block.driver import open_block  # noqa: PLC0415
 
