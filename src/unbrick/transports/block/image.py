@@ -27,17 +27,18 @@ import logging
 import os
 import struct
 import threading
-import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from unbrick.errors import ImageError, IntegrityError, LimitError, SourceError, UsageError
 from unbrick.formats import bmap as bmapfmt
 from unbrick.formats.base import HEAD_SIZE, Context, Limits, MiB, Source, Stream
 from unbrick.formats.nested import Prefixed, SourceStream, read_full
+
+if TYPE_CHECKING:
+    import zipfile
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +234,15 @@ def zstd_expanded_size(f: BinaryIO, size: int) -> int | None:
 class _ZipStream:
     """A zip member's bytes; zipfile's errors (bad CRC, truncation) become ImageError."""
 
-    def __init__(self, member: Any, name: str) -> None:
+    def __init__(self, member: Any, name: str, bad_zip: type[Exception]) -> None:
         self._m = member
         self._name = name
+        self._bad_zip = bad_zip
 
     def read(self, n: int = -1, /) -> bytes:
         try:
             data: bytes = self._m.read(n)
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        except (self._bad_zip, EOFError, OSError, ValueError) as e:
             raise ImageError(f"zip member '{self._name}': {e}", format="zip") from e
         return data
 
@@ -446,6 +448,8 @@ class Image:
         )
 
     def _zip_info(self) -> zipfile.ZipInfo:
+        import zipfile  # noqa: PLC0415 - only for zip archives
+
         try:
             with zipfile.ZipFile(self.path) as zf:
                 return _zip_member(zf, self._zip_member_name, str(self.path))
@@ -457,6 +461,11 @@ class Image:
         from unbrick.formats.compress import compression_of, open_decompressor  # noqa: PLC0415
 
         ctx = self._ctx()
+        bad_zip: tuple[type[Exception], ...] = ()
+        if container == "zip":
+            import zipfile  # noqa: PLC0415 - only for zip archives
+
+            bad_zip = (zipfile.BadZipFile,)
         f = open(self.path, "rb")  # noqa: SIM115 - closed by _Opened.close
         opened = _Opened(stream=SourceStream(Source(f, size=self.file_size)), closers=[f.close])
         kinds = opened.kinds
@@ -467,7 +476,7 @@ class Image:
                 name = member or _zip_member(zf, self._zip_member_name, str(self.path)).filename
                 m = zf.open(name)
                 opened.closers.append(m.close)
-                opened.stream = _ZipStream(m, name)
+                opened.stream = _ZipStream(m, name, zipfile.BadZipFile)
             else:
                 dec = open_decompressor(
                     container, opened.stream, ctx, self.file_size, what=f"{self.path}"
@@ -486,7 +495,7 @@ class Image:
                 )
             else:
                 raise LimitError(f"{self.path}: compressed more than {self.limits.max_depth} times")
-        except zipfile.BadZipFile as e:
+        except bad_zip as e:
             opened.close()
             raise ImageError(f"{self.path}: unreadable zip archive: {e}", format="zip") from e
         except BaseException:
@@ -630,6 +639,8 @@ class Image:
                         done[0] += k
                         progress("check", done[0], total)
             return h.hexdigest() == r.checksum
+
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only with a bmap
 
         # hashlib releases the GIL on large buffers: two threads use both cores.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="unbrick-bmap") as pool:

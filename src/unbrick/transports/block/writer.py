@@ -100,6 +100,9 @@ class WriteOptions:
     verify_window_bytes: int = 64 * MiB
     #: Threads reading back each target (several direct reads in flight keep the device busy).
     verify_threads: int = 2
+    #: Verifying alongside the writer, a piece is read back once this many bytes were written
+    #: after it (None: half the window): the kernel has begun writing it out by then.
+    verify_lag_bytes: int | None = None
     #: How a piece is read back: "direct" (O_DIRECT) or "drop-cache" (write the range out,
     #: drop it from the page cache, check with RWF_NOWAIT reads that it is gone, read it; a
     #: range still cached is read directly). Where O_DIRECT is refused, drop-cache is used.
@@ -128,6 +131,10 @@ class WriteOptions:
             raise UsageError("queue_pieces and verify_threads must be at least 1")
         if self.verify_window_bytes < self.chunk_bytes:
             raise UsageError("verify_window_bytes must be at least chunk_bytes")
+        if self.verify_lag_bytes is not None and not (
+            0 <= self.verify_lag_bytes < self.verify_window_bytes
+        ):
+            raise UsageError("verify_lag_bytes must be smaller than verify_window_bytes")
 
 
 @dataclass(frozen=True)
@@ -285,6 +292,10 @@ class _Worker:
         self._cv = threading.Condition()
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._unverified = 0
+        #: Bytes in ``_pending`` (not yet taken by a verifier).
+        self._queued = 0
+        #: The writer has written everything: verify without waiting for the lag.
+        self._draining = False
         self._drop = opts.verify_read == "drop-cache"
         mode = opts.verify_schedule
         self._bursts = mode == "bursts" or (
@@ -353,6 +364,7 @@ class _Worker:
         window = self.opts.verify_window_bytes
         with self._cv:
             self._pending.append((off, data))
+            self._queued += len(data)
             self._unverified += len(data)
             self._cv.notify_all()
             if self._bursts:
@@ -411,6 +423,7 @@ class _Worker:
             # out first, which overlaps the final fsync.
             with self._cv:
                 self._release = True
+                self._draining = True
                 self._cv.notify_all()
             if not self.failed.is_set():
                 wp(WriteProgress(self.t.path, "sync", self.written, self.total), force=True)
@@ -442,10 +455,23 @@ class _Worker:
     # -- verifying ---------------------------------------------------------------------------
 
     def _next_to_verify(self) -> tuple[int, bytes] | None:
+        lag = self.opts.verify_lag_bytes
+        if lag is None:
+            lag = self.opts.verify_window_bytes // 2
+
+        def ready() -> bool:
+            if self._closed:
+                return True
+            if not (self._release and self._pending):
+                return False
+            return self._bursts or self._draining or self._queued >= lag
+
         with self._cv:
-            self._cv.wait_for(lambda: (self._release and bool(self._pending)) or self._closed)
+            self._cv.wait_for(ready)
             if self._pending:
-                return self._pending.popleft()
+                item = self._pending.popleft()
+                self._queued -= len(item[1])
+                return item
             return None
 
     def _verified_one(self, n: int) -> None:
