@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,14 +60,17 @@ def profile_set(p: WorkbenchPaths, profile: str | None) -> tuple[ProfileSet, str
 
 @contextmanager
 def workbench(
-    sink: EventSink, profile: str | None = None
+    sink: EventSink, profile: str | None = None, forced: Mapping[str, str] | None = None
 ) -> Iterator[tuple[Workbench, str | None]]:
+    """``forced``: overridable checks drivers make as they open (``block.removable``)."""
     p = paths()
     profiles, chosen = profile_set(p, profile)
     store = SQLiteStore(p.db_path)
     vault = BackupVault(p.vault_dir, p.key_file)
     sim_registry = os.environ.get("UNBRICK_SIM_DIR")
-    options = OpenOptions(sim_registry=Path(sim_registry) if sim_registry else None)
+    options = OpenOptions(
+        sim_registry=Path(sim_registry) if sim_registry else None, forced=dict(forced or {})
+    )
 
     def opener(address: DeviceAddress) -> Device:
         return open_device(address, options)

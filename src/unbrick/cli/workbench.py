@@ -124,8 +124,7 @@ def _print_plan(plan: Any) -> None:
 
 
 @click.command()
-@click.argument("uri")
-@click.argument("image", type=_image)
+@click.argument("targets", nargs=-1, required=True, metavar="URI [URI...] IMAGE")
 @click.option("--partition", "region", help="Region (partition) to write, from the profile.")
 @click.option("--offset", help="Absolute offset to write at instead of a region.")
 @click.option("--profile", help="Profile id or TOML file to use instead of matching.")
@@ -134,6 +133,11 @@ def _print_plan(plan: Any) -> None:
     "--android-info", type=_image, help="android-info.txt whose require/reject lines must hold."
 )
 @click.option("--loader", type=_image, help="Two-pass devices: the loader staged first.")
+@click.option(
+    "--bmap",
+    type=_image,
+    help="Block devices: the image's bmap (default: IMAGE.bmap beside it, if any).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and the checks; write nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines events and result.")
@@ -155,14 +159,14 @@ def _print_plan(plan: Any) -> None:
 @click.option("--gpg-keyring", type=_image)
 @click.option("--cms-ca", type=_image)
 def flash(
-    uri: str,
-    image: Path,
+    targets: tuple[str, ...],
     region: str | None,
     offset: str | None,
     profile: str | None,
     manifest: Path | None,
     android_info: Path | None,
     loader: Path | None,
+    bmap: Path | None,
     dry_run: bool,
     yes: bool,
     as_json: bool,
@@ -181,12 +185,21 @@ def flash(
     """Flash IMAGE to the device at URI through the safe workflow.
 
     Plan, pre-flight checks, verified backup, write, verify, reboot, validate, commit; on a
-    failed verification or first boot the backup is restored (exit 7).
+    failed verification or first boot the backup is restored (exit 7). Several block:// URIs
+    write the same image to each target at once, each with its own result.
     """
     from unbrick.cli.context import workbench
     from unbrick.cli.render import print_json
     from unbrick.engine.workflow import FlashRequest, IntegrityRequest
 
+    if len(targets) < 2:
+        raise UsageError("give the device URI and the image", hint="unbrick flash URI IMAGE")
+    *uris, image_text = targets
+    image = Path(image_text)
+    if not image.is_file():
+        raise UsageError(f"{image}: no such image file")
+    if bmap is not None:
+        uris = [_with_bmap(u, bmap) for u in uris]
     if region is not None and offset is not None:
         raise UsageError("give --partition or --offset, not both")
     request = FlashRequest(
@@ -209,6 +222,9 @@ def flash(
         forced=_forced(force, reason),
         backup_scope=backup_scope,
     )
+    if len(uris) > 1:
+        return _flash_many(uris, request, profile, yes, as_json)
+    uri = uris[0]
     sink = _sink(as_json)
     if _is_update_package(uri, image, region, offset):
         with sink, workbench(sink, profile) as (wb, _):
@@ -216,7 +232,7 @@ def flash(
             result = wb.flash_update(uri, image, forced=dict(request.forced))
             _report(result.to_dict(), as_json, sink)
         return 0
-    with sink, workbench(sink, profile) as (wb, chosen):
+    with sink, workbench(sink, profile, dict(request.forced)) as (wb, chosen):
         request = _with_profile(request, chosen)
         plan = wb.plan(uri, request)
         if dry_run:
@@ -239,6 +255,59 @@ def flash(
         result = wb.flash(uri, request, plan=plan)
         _report(result.to_dict(), as_json, sink)
     return 0
+
+
+def _with_bmap(uri: str, bmap: Path) -> str:
+    from urllib.parse import quote
+
+    if not uri.startswith("block:"):
+        raise UsageError(f"--bmap is for block:// devices, not {uri}")
+    return uri + ("&" if "?" in uri else "?") + "bmap=" + quote(str(bmap.resolve()), safe="/")
+
+
+def _flash_many(
+    uris: list[str], request: Any, profile: str | None, yes: bool, as_json: bool
+) -> int:
+    """The same image to several block devices at once (a job each, run side by side)."""
+    import threading
+
+    from unbrick.cli.context import workbench
+    from unbrick.cli.render import print_json, stdout_console
+    from unbrick.engine.events import ListSink
+    from unbrick.errors import UnbrickError
+
+    if any(not u.startswith("block:") for u in uris):
+        raise UsageError("several targets at once are for block:// devices only")
+    if len(set(uris)) != len(uris):
+        raise UsageError("a target is named twice")
+    _confirm(f"Write {request.image.name} to {len(uris)} devices: {', '.join(uris)}?", yes, as_json)
+    results: dict[str, dict[str, Any]] = {}
+
+    def one(uri: str) -> None:
+        try:
+            with workbench(ListSink(), profile, dict(request.forced)) as (wb, chosen):
+                result = wb.flash(uri, _with_profile(request, chosen))
+            results[uri] = {"outcome": result.outcome, "job": result.job_id, "exit": 0}
+        except UnbrickError as e:
+            results[uri] = {"outcome": "failed", "error": e.one_line(), "exit": e.exit_code}
+
+    threads = [threading.Thread(target=one, args=(u,), name=f"flash {u}") for u in uris]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if as_json:
+        print_json({"kind": "result", "targets": results})
+    else:
+        con = stdout_console()
+        for uri in uris:
+            r = results[uri]
+            if r["exit"] == 0:
+                con.print(f"[green]{r['outcome']}[/]: {uri} (job {r['job']})")
+            else:
+                con.print(f"[red]failed[/]: {uri}: {r['error']}")
+    codes = [r["exit"] for r in results.values() if r["exit"]]
+    return int(codes[0]) if codes else 0
 
 
 def _is_update_package(uri: str, image: Path, region: str | None, offset: str | None) -> bool:

@@ -843,6 +843,10 @@ class Workbench:
             )
         except (TransportError, DeviceError) as e:
             raise _Cut(str(e)) from e
+        except PreflightError:
+            # The link refused before writing (the image does not fit once expanded...).
+            self._finish(job_id, JobState.FAILED, "refused")
+            raise
         progress.finish()
         self.store.update_job(
             job_id, state=JobState.WRITE.value, data={"verified_by": result.verified_by}
@@ -850,9 +854,10 @@ class Workbench:
         return {"bytes": result.bytes_written, "verified_by": result.verified_by, **result.detail}
 
     def _verify(self, job_id: str, dev: Device, plan: Plan, progress: Progress) -> None:
-        if not {Capability.READ, Capability.DEVICE_HASH} & dev.capabilities:
-            # Nothing to read back or hash: the link's own check of the write is the verdict.
-            by = str(self.store.get_job(job_id).data.get("verified_by") or "")
+        by = str(self.store.get_job(job_id).data.get("verified_by") or "")
+        if by or not {Capability.READ, Capability.DEVICE_HASH} & dev.capabilities:
+            # The link checked its whole-image write (or nothing can be read back or hashed):
+            # its check is the verdict.
             with self._step(job_id, "verify", region=plan.target.region) as detail:
                 if not by:
                     raise VerifyError(
@@ -1427,8 +1432,8 @@ class Workbench:
 
 
 _NO_RESET = (
-    "this link cannot reset the device (a flash programmer): power-cycle it, then check it "
-    "with 'unbrick device probe'"
+    "this link cannot reset the device (a programmer, a card or a disk): power-cycle it or "
+    "put the medium back, then check it with 'unbrick device probe'"
 )
 
 

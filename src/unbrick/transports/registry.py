@@ -48,9 +48,9 @@ def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> D
 
         return open_fastboot_device(address, timeout_s=opts.timeout_s)
     if address.protocol == "block":
-        from unbrick.transports.block.driver import open_block  # noqa: PLC0415
+        from unbrick.transports.block.engine import open_block_device  # noqa: PLC0415
 
-        return open_block(address, forced=opts.forced)
+        return open_block_device(address, forced=opts.forced)
     raise UsageError(
         f"no driver for {address.scheme}:// devices in this version of unbrick",
         hint=f"available: {', '.join(p + '://' for p in AVAILABLE)}",
