@@ -126,3 +126,23 @@ def test_two_targets_at_once_and_an_oversize_image_refused(
     )
     assert code == 3, out
     assert small.read_bytes() == before
+
+
+def test_image_bmap_is_accepted_by_bmaptool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need("bmaptool")
+    raw = tmp_path / "os.img"
+    data = sparse_image(raw)
+    code, out = run(capsys, monkeypatch, tmp_path / "h", "image", "bmap", str(raw))
+    assert code == 0, out
+    assert "ranges (block size 4096)" in out
+    bmap = tmp_path / "os.img.bmap"
+    assert bmap.is_file()
+    copy = tmp_path / "copy.img"
+    subprocess.run(
+        [shutil.which("bmaptool") or "bmaptool", "copy", "--bmap", str(bmap), str(raw), str(copy)],
+        check=True,
+        capture_output=True,
+    )
+    assert copy.read_bytes()[: len(data)] == data

@@ -220,6 +220,32 @@ def convert(
     return 0
 
 
+@image.command(name="bmap")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the bmap (default: IMAGE.bmap).",
+)
+@click.option("--block-size", default=4096, show_default=True, help="Bytes per bmap block.")
+@click.option(
+    "--skip-zero-blocks", is_flag=True, help="Leave out blocks that hold only zero bytes."
+)
+def bmap(path: Path, output: Path | None, block_size: int, skip_zero_blocks: bool) -> int:
+    """Write the bmap of a raw image: the ranges that hold data, with their SHA-256, so that
+    `unbrick flash block://...` (and bmaptool) write only those."""
+    from unbrick.cli.render import stdout_console
+    from unbrick.transports.block.bmapgen import write_bmap
+
+    report = write_bmap(path, output, block_size=block_size, skip_zero_blocks=skip_zero_blocks)
+    stdout_console().print(
+        f"{report.path}: {report.mapped_blocks} of {-(-report.image_size // report.block_size)}"
+        f" blocks mapped in {report.ranges} ranges (block size {report.block_size})"
+    )
+    return 0
+
+
 @image.command(name="formats")
 def list_formats() -> int:
     """List the formats unbrick recognises."""
