@@ -328,6 +328,8 @@ class Image:
             self.bmap: bmapfmt.Bmap | None = None
             self._sparse_runs: list[tuple[int, int, bytes | None, int]] | None = None
             self._sparse_block = 0
+            self._kept: dict[int, list[bytes]] | None = None
+            self._kept_chunk = 0
             self.info = self._detect()
             if bmap == "auto":
                 found = find_bmap(self.path)
@@ -604,20 +606,26 @@ class Image:
         max_size: int | None = None,
         progress: CheckProgress | None = None,
         cancelled: Callable[[], bool] | None = None,
+        chunk_bytes: int = 4 * MiB,
+        retain_bytes: int = 0,
     ) -> None:
         """Check the bmap's range checksums and count an unknown size, before writing.
 
         ``max_size`` stops counting once the image is known to be larger than that; the size
         is then a lower bound (``size_source`` "counted (at least)") and the caller refuses.
+        A file's mapped data, when it is at most ``retain_bytes``, is kept (in pieces of
+        ``chunk_bytes``) for :meth:`produce`, which then does not read it again.
         """
         if not self.needs_precheck():
             return
         if self.info.seekable:
-            self._check_file(progress)
+            self._check_file(progress, chunk_bytes, retain_bytes)
             return
         self._check_stream(max_size, progress, cancelled)
 
-    def _check_file(self, progress: CheckProgress | None) -> None:
+    def _check_file(
+        self, progress: CheckProgress | None, chunk_bytes: int, retain_bytes: int
+    ) -> None:
         bm = self.bmap
         assert bm is not None and bm.checksum_type is not None
         ranges = [r for r in bm.ranges if r.checksum is not None]
@@ -625,19 +633,29 @@ class Image:
         done = [0]
         lock = threading.Lock()
         algo = bm.checksum_type
+        # Small enough to keep: the write pass then needs no second read of the image.
+        keep: dict[int, list[bytes]] | None = (
+            {} if len(ranges) == len(bm.ranges) and total <= retain_bytes else None
+        )
 
         def one(r: bmapfmt.BmapRange) -> bool:
             off, n = bm.byte_range(r)
             h = hashlib.new(algo)
             pos, end = off, off + n
+            pieces: list[bytes] = []
             while pos < end:
-                k = min(8 * MiB, end - pos)
-                h.update(self._pread(pos, k))
+                k = min(chunk_bytes, end - pos)
+                data = self._pread(pos, k)
+                h.update(data)
+                if keep is not None:
+                    pieces.append(data)
                 pos += k
                 if progress is not None:
                     with lock:
                         done[0] += k
                         progress("check", done[0], total)
+            if keep is not None:
+                keep[r.first] = pieces
             return h.hexdigest() == r.checksum
 
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only with a bmap
@@ -648,6 +666,8 @@ class Image:
         bad = [r for r, ok in zip(ranges, results, strict=True) if not ok]
         if bad:
             raise self._mismatch(bad, written=False)
+        self._kept = keep
+        self._kept_chunk = chunk_bytes
         self.info = replace(self.info, prechecked=True)
 
     def _check_stream(
@@ -714,6 +734,16 @@ class Image:
         if bm is None:
             self._copy_extent(0, self.file_size, emit, chunk, cancelled, None)
             return self.file_size
+        kept, self._kept = self._kept, None
+        if kept is not None and self._kept_chunk <= chunk:
+            for r in bm.ranges:
+                pos = bm.byte_range(r)[0]
+                for data in kept.pop(r.first, []):
+                    if cancelled():
+                        return bm.image_size
+                    emit(pos, data)
+                    pos += len(data)
+            return bm.image_size
         for r in bm.ranges:
             off, n = bm.byte_range(r)
             h = hashlib.new(bm.checksum_type) if check and r.checksum and bm.checksum_type else None

@@ -115,6 +115,9 @@ class WriteOptions:
     writeback_bytes: int = 32 * MiB
     #: Check bmap checksums and count an unknown size before writing anything.
     precheck: bool = True
+    #: Mapped data of at most this size read for the bmap check is kept for writing (no
+    #: second read of the image).
+    retain_bytes: int = 128 * MiB
     #: Write a piece that read back wrong once more before failing.
     rewrite_bad: bool = True
     limits: Limits = FLASH_LIMITS
@@ -737,6 +740,8 @@ def write_to_targets(
                 WriteProgress(None, phase, done, total)
             ),
             cancelled=stop,
+            chunk_bytes=opts.chunk_bytes,
+            retain_bytes=opts.retain_bytes,
         )
     size = img.info.size_bytes
     if size is not None:
