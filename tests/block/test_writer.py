@@ -207,13 +207,16 @@ def _holes_untouched(target: Path, content: bytes, mapped: list[tuple[int, int]]
 
 
 @pytest.mark.peer
-def test_bmaptool_bmap_writes_only_mapped_ranges(tmp_path: Path) -> None:
+@pytest.mark.parametrize("retain", [0, 64 * MiB])
+def test_bmaptool_bmap_writes_only_mapped_ranges(tmp_path: Path, retain: int) -> None:
+    """With the checked data kept in memory for writing, or read again."""
     img, content = _image(tmp_path)
     bmap = _bmaptool_bmap(img)
     mapped = _mapped(bmap)
     target = tmp_path / "out.img"
     fill(target, 8 * MiB)
-    result = write_image(img, [target], bmap=bmap, options=SMALL)
+    opts = WriteOptions(chunk_bytes=256 * 1024, verify_window_bytes=MiB, retain_bytes=retain)
+    result = write_image(img, [target], bmap=bmap, options=opts)
     assert result.ok, result.to_dict()
     assert result.image.prechecked and result.image.bmap_path == str(bmap)
     assert result.targets[0].written_bytes == sum(n for _, n in mapped) < SIZE
