@@ -742,6 +742,8 @@ class BlockTarget:
     logical_block_bytes: int
     forced: dict[str, str] = field(default_factory=dict)
     closed: bool = False
+    #: The file did not exist before :func:`open_target` created it.
+    created: bool = False
 
     @property
     def path(self) -> str:
@@ -848,6 +850,7 @@ def open_target(
             size_bytes=size,
             logical_block_bytes=logical_block_size(fd),
             forced=forced,
+            created=not info.exists,
         )
         if image_size is not None:
             target.check_size(image_size)

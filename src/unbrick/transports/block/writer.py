@@ -838,6 +838,14 @@ def write_image(
         return write_to_targets(
             img, all_targets, options=opts, progress=progress, cancelled=cancelled
         )
+    except BaseException:
+        # Refused before writing (a bad image, a size): leave no empty file behind.
+        for bt in opened:
+            if bt.created and not bt.is_block:
+                with contextlib.suppress(OSError):
+                    if os.fstat(bt.fd).st_size == 0:
+                        os.unlink(bt.path)
+        raise
     finally:
         for bt in opened:
             bt.close()
