@@ -94,7 +94,7 @@ def mbr_with_partition(path: Path, size: int, start_sector: int = 2048) -> None:
         f.write(mbr)
 
 
-def wait_for(path: str, timeout_s: float = 5.0) -> None:
+def wait_for(path: str, timeout_s: float = 2.0) -> None:
     end = time.monotonic() + timeout_s
     while not os.path.exists(path):
         if time.monotonic() > end:

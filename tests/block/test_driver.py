@@ -26,6 +26,7 @@ def _addr(path: Path | str) -> object:
     return parse_device_uri(f"block://{path}")
 
 
+@pytest.mark.peer
 def test_protocols_on_a_loop_device(tmp_path: Path) -> None:
     backing = tmp_path / "card.img"
     fill(backing, 4 * MiB)
@@ -70,6 +71,7 @@ def test_identify_a_file_and_refuse_other_addresses(tmp_path: Path) -> None:
         open_block(parse_device_uri("esp:///dev/ttyUSB0"))
 
 
+@pytest.mark.peer
 def test_write_image_returns_the_result_or_raises(tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
     content = make_image(img, 3 * MiB, [(0, 5000), (2 * MiB, 9000)])

@@ -276,6 +276,7 @@ def test_the_system_disk_is_refused_and_untouched() -> None:
     assert e.value.check_id in (CHECK_MOUNTED, CHECK_SYSTEM)
 
 
+@pytest.mark.peer
 def test_loop_device_opened_exclusively_with_its_size(tmp_path: Path) -> None:
     backing = tmp_path / "card.img"
     fill(backing, 8 * MiB)
@@ -294,6 +295,7 @@ def test_loop_device_opened_exclusively_with_its_size(tmp_path: Path) -> None:
         assert dev in err.message
 
 
+@pytest.mark.peer
 def test_image_larger_than_the_loop_device_is_refused(tmp_path: Path) -> None:
     backing = tmp_path / "card.img"
     fill(backing, 4 * MiB)
@@ -303,6 +305,7 @@ def test_image_larger_than_the_loop_device_is_refused(tmp_path: Path) -> None:
     assert read(backing) == read(backing)  # still readable; content checked in test_writer
 
 
+@pytest.mark.peer
 def test_fixed_disk_refused_on_a_real_device_until_forced(tmp_path: Path) -> None:
     """A real loop device presented by a fake sysfs as a SATA disk."""
     backing = tmp_path / "disk.img"
@@ -321,6 +324,7 @@ def test_fixed_disk_refused_on_a_real_device_until_forced(tmp_path: Path) -> Non
             assert t.size_bytes == 4 * MiB
 
 
+@pytest.mark.peer
 def test_mounted_filesystem_refused_and_nothing_written(tmp_path: Path) -> None:
     need("mkfs.ext4", "mount", "umount")
     backing = tmp_path / "card.img"
@@ -344,6 +348,7 @@ def test_mounted_filesystem_refused_and_nothing_written(tmp_path: Path) -> None:
         assert after[:1024] == bytes(1024) and after[0x438:0x43A] == b"\x53\xef"
 
 
+@pytest.mark.peer
 def test_mounted_partition_refuses_the_whole_disk(tmp_path: Path) -> None:
     need("mkfs.ext4", "mount", "umount")
     backing = tmp_path / "disk.img"

@@ -87,6 +87,7 @@ def _mapped(bmap_path: Path) -> list[tuple[int, int]]:
 # Formats
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("kind", ["raw", "gz", "xz", "zst", "bz2", "zip"])
 def test_formats_to_a_file(tmp_path: Path, kind: str) -> None:
     img, content = _image(tmp_path)
@@ -113,6 +114,7 @@ def test_formats_to_a_file(tmp_path: Path, kind: str) -> None:
         assert info.member == "disk.img"
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("kind", ["raw", "zst"])
 def test_formats_to_a_loop_device(tmp_path: Path, kind: str) -> None:
     img, content = _image(tmp_path)
@@ -129,6 +131,7 @@ def test_formats_to_a_loop_device(tmp_path: Path, kind: str) -> None:
     assert data[-4:] == PATTERN
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("compressed", [False, True])
 def test_android_sparse_images(tmp_path: Path, compressed: bool) -> None:
     need("img2simg")
@@ -180,6 +183,7 @@ def test_zip_with_several_files_needs_a_member_name(tmp_path: Path) -> None:
     assert result.ok and read(tmp_path / "out.img") == content
 
 
+@pytest.mark.peer
 def test_damaged_compressed_image_stops_with_an_image_error(tmp_path: Path) -> None:
     img, _ = _image(tmp_path)
     gz = _compress(img, "gz")
@@ -319,6 +323,7 @@ def test_bmap_that_does_not_fit_the_image(tmp_path: Path) -> None:
 # Refusals
 
 
+@pytest.mark.peer
 def test_image_larger_than_the_card_is_refused_untouched(tmp_path: Path) -> None:
     backing = tmp_path / "card.img"
     fill(backing, 4 * MiB)
@@ -348,6 +353,7 @@ def test_two_targets_named_twice_or_none(tmp_path: Path) -> None:
 # Several targets
 
 
+@pytest.mark.peer
 def test_two_targets_at_once_each_with_progress_and_result(tmp_path: Path) -> None:
     img, content = _image(tmp_path)
     zst = _compress(img, "zst")
@@ -469,6 +475,7 @@ def test_bad_range_named_in_bmap_blocks(tmp_path: Path) -> None:
     assert f"(blocks {block})" in err.message
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("how", ["direct", "drop-cache"])
 def test_read_back_bypasses_the_page_cache(tmp_path: Path, how: str) -> None:
     """The card's storage changes under a loop device whose page cache still holds what was
