@@ -384,7 +384,7 @@ class _Worker:
         self._release = False
 
     def _write_loop(self) -> None:
-        kicked = 0
+        kicked = settled = 0
         pending = 0
         wp = self._wprog
         try:
@@ -415,9 +415,14 @@ class _Worker:
                 pending += len(data)
                 if self.opts.writeback_bytes and pending >= self.opts.writeback_bytes:
                     # Start writeback now (DONTNEED writes dirty pages out, then drops
-                    # the clean ones) rather than leave it all to the final fsync.
+                    # the clean ones) rather than leave it all to the final fsync; then wait
+                    # for the batch before, so that at most two batches are ever dirty and
+                    # the progress follows the device, not the page cache.
                     with contextlib.suppress(OSError):
                         os.posix_fadvise(self.t.fd, kicked, end - kicked, os.POSIX_FADV_DONTNEED)
+                        if not self._verifiers and kicked > settled:
+                            _sync_range(self.t.fd, settled, kicked - settled)
+                            settled = kicked
                     kicked, pending = end, 0
                 wp(WriteProgress(self.t.path, "write", self.written, self.total))
                 if self._verifiers:
