@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 #: Granularity with which a bad range is reported.
 REPORT_BLOCK = 4 * KiB
+#: Batches of ``writeback_bytes`` in flight before the writer (without read-back) waits.
+_DIRTY_BATCHES = 3
 #: Distance between the RWF_NOWAIT probes that check a range left the page cache.
 _PROBE_STEP = 128 * KiB
 _MAX_REPORTED = 64
@@ -385,6 +387,7 @@ class _Worker:
 
     def _write_loop(self) -> None:
         kicked = settled = 0
+        batches: list[int] = []
         pending = 0
         wp = self._wprog
         try:
@@ -416,13 +419,15 @@ class _Worker:
                 if self.opts.writeback_bytes and pending >= self.opts.writeback_bytes:
                     # Start writeback now (DONTNEED writes dirty pages out, then drops
                     # the clean ones) rather than leave it all to the final fsync; then wait
-                    # for the batch before, so that at most two batches are ever dirty and
-                    # the progress follows the device, not the page cache.
+                    # for an older batch, so that only a few batches are ever dirty and the
+                    # progress follows the device, not the page cache.
                     with contextlib.suppress(OSError):
                         os.posix_fadvise(self.t.fd, kicked, end - kicked, os.POSIX_FADV_DONTNEED)
-                        if not self._verifiers and kicked > settled:
-                            _sync_range(self.t.fd, settled, kicked - settled)
-                            settled = kicked
+                        batches.append(end)
+                        if not self._verifiers and len(batches) > _DIRTY_BATCHES:
+                            upto = batches.pop(0)
+                            _sync_range(self.t.fd, settled, upto - settled)
+                            settled = upto
                     kicked, pending = end, 0
                 wp(WriteProgress(self.t.path, "write", self.written, self.total))
                 if self._verifiers:
