@@ -183,6 +183,19 @@ def test_zip_with_several_files_needs_a_member_name(tmp_path: Path) -> None:
     assert result.ok and read(tmp_path / "out.img") == content
 
 
+def test_damaged_zip_member_is_an_image_error(tmp_path: Path) -> None:
+    img, _ = _image(tmp_path)
+    z = _compress(img, "zip")
+    data = bytearray(read(z))
+    for i in range(2000, 2400):  # inside the deflate data of the image member
+        data[i] ^= 0x5A
+    z.write_bytes(bytes(data))
+    result = write_image(z, [tmp_path / "out.img"], bmap=None, options=SMALL)
+    assert isinstance(result.source_error, ImageError)
+    assert "zip member 'disk.img'" in result.source_error.message
+    assert not result.targets[0].ok
+
+
 @pytest.mark.peer
 def test_damaged_compressed_image_stops_with_an_image_error(tmp_path: Path) -> None:
     img, _ = _image(tmp_path)

@@ -231,18 +231,41 @@ def zstd_expanded_size(f: BinaryIO, size: int) -> int | None:
 # Streams
 
 
+def _zip_errors() -> tuple[type[BaseException], ...]:
+    """What zipfile (and the codecs under it) raise for damaged or unsupported archives."""
+    import lzma  # noqa: PLC0415 - only for zip archives
+    import zipfile  # noqa: PLC0415 - only for zip archives
+    import zlib  # noqa: PLC0415 - only for zip archives
+
+    return (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,  # compression methods zipfile lacks
+        RuntimeError,  # encrypted members
+        OSError,
+        EOFError,
+        ValueError,
+        struct.error,
+        OverflowError,
+        IndexError,
+        KeyError,
+        zlib.error,
+        lzma.LZMAError,
+    )
+
+
 class _ZipStream:
     """A zip member's bytes; zipfile's errors (bad CRC, truncation) become ImageError."""
 
-    def __init__(self, member: Any, name: str, bad_zip: type[Exception]) -> None:
+    def __init__(self, member: Any, name: str) -> None:
         self._m = member
         self._name = name
-        self._bad_zip = bad_zip
+        self._errors = _zip_errors()
 
     def read(self, n: int = -1, /) -> bytes:
         try:
             data: bytes = self._m.read(n)
-        except (self._bad_zip, EOFError, OSError, ValueError) as e:
+        except self._errors as e:
             raise ImageError(f"zip member '{self._name}': {e}", format="zip") from e
         return data
 
@@ -455,7 +478,7 @@ class Image:
         try:
             with zipfile.ZipFile(self.path) as zf:
                 return _zip_member(zf, self._zip_member_name, str(self.path))
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except _zip_errors() as e:
             raise ImageError(f"{self.path}: unreadable zip archive: {e}", format="zip") from e
 
     def _open_stream(self, container: str, member: str | None) -> _Opened:
@@ -463,11 +486,11 @@ class Image:
         from unbrick.formats.compress import compression_of, open_decompressor  # noqa: PLC0415
 
         ctx = self._ctx()
-        bad_zip: tuple[type[Exception], ...] = ()
+        bad_zip: tuple[type[BaseException], ...] = ()
         if container == "zip":
             import zipfile  # noqa: PLC0415 - only for zip archives
 
-            bad_zip = (zipfile.BadZipFile,)
+            bad_zip = _zip_errors()
         f = open(self.path, "rb")  # noqa: SIM115 - closed by _Opened.close
         opened = _Opened(stream=SourceStream(Source(f, size=self.file_size)), closers=[f.close])
         kinds = opened.kinds
@@ -478,7 +501,7 @@ class Image:
                 name = member or _zip_member(zf, self._zip_member_name, str(self.path)).filename
                 m = zf.open(name)
                 opened.closers.append(m.close)
-                opened.stream = _ZipStream(m, name, zipfile.BadZipFile)
+                opened.stream = _ZipStream(m, name)
             else:
                 dec = open_decompressor(
                     container, opened.stream, ctx, self.file_size, what=f"{self.path}"
