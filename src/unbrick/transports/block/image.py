@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from unbrick.errors import ImageError, IntegrityError, LimitError, SourceError, UsageError
 from unbrick.formats import bmap as bmapfmt
@@ -609,14 +609,12 @@ class Image:
             if written
             else "the image does not match its bmap (damaged download?); nothing was written"
         )
-        err = IntegrityError(
+        return IntegrityError(
             f"checksum mismatch for blocks {rng} {names}{more} of {self.path} "
             f"(blocks of {self.bmap.block_size} bytes; first bad range at bytes "
             f"{first[0]}..{first[0] + first[1] - 1})",
             hint=hint,
         )
-        err.ranges = [self.bmap.byte_range(r) for r in bad]  # type: ignore[attr-defined]
-        return err
 
     def needs_precheck(self) -> bool:
         """True when a pass is needed before writing: bmap checksums, or an unknown size."""
@@ -876,7 +874,8 @@ class Image:
         opened = self._open_stream(self.info.container, self.info.member)
         sink = _ChunkSink(emit, chunk, cancelled)
         try:
-            size = sparse.expand(opened.stream, sink, self._ctx(), holes=False)  # type: ignore[arg-type]
+            # A write-only sink: the expander writes zeros for DONT_CARE (nothing seekable).
+            size = sparse.expand(opened.stream, cast(BinaryIO, sink), self._ctx(), holes=False)
         except _Cancelled:
             return sink.pos
         finally:

@@ -2,18 +2,25 @@
 
 The calling thread reads the image (:meth:`Image.produce`: ``pread`` of a file, or a
 decompressor) and hands each piece (``chunk_bytes``, 4 MiB by default) to every target. Each
-target has a writer thread (``pwrite``, and every ``writeback_bytes`` a
-``posix_fadvise(DONTNEED)`` that starts the kernel's writeback early, so that the final
-``fsync`` does not wait for a whole card's worth of dirty pages) and, when verifying, a verifier
-thread that reads each written piece back with ``O_DIRECT`` into an aligned buffer, bypassing
-the page cache, and compares it with the piece it was written from. A direct read first makes
-the kernel write that range out, so the verifier trails the writer by a bounded window of
-pieces (``verify_window_pieces``); the writer waits when the verifier falls behind, which also
-keeps memory bounded. A piece that reads back wrong is written once more and read again; what
-stays wrong is named by byte range (4 KiB precision) and, with a bmap, by block range.
+target has a writer thread: ``pwrite``, and every ``writeback_bytes`` a
+``posix_fadvise(DONTNEED)`` that starts the kernel's writeback at once, so that the final
+``fsync`` does not wait for a card's worth of dirty pages (without read-back the writer also
+waits for an older batch: a few batches at most are dirty). Success is reported after ``fsync``.
 
-Where ``O_DIRECT`` is refused (some filesystems), each piece is ``fdatasync``-ed and dropped
-from the cache with ``posix_fadvise(DONTNEED)`` before it is read back.
+When verifying, verifier threads read each written piece back, bypassing the page cache, and
+compare it with the bytes it was written from (kept until then: ``verify_window_bytes`` per
+target, beyond which the writer waits, which also bounds memory):
+
+- ``O_DIRECT`` into an aligned buffer (the default). A direct read first makes the kernel write
+  the range out, so the verifiers trail the writer by ``verify_lag_bytes``. On a regular file a
+  direct read holds the inode lock that buffered writes need, so there the verifiers run in
+  bursts while the writer waits; on a block device they run alongside it.
+- ``drop-cache`` (chosen, or where ``O_DIRECT`` is refused): ``sync_file_range``, then
+  ``posix_fadvise(DONTNEED)``, then ``RWF_NOWAIT`` probes that prove the range left the cache,
+  then a plain read; a range still cached is read directly after all.
+
+A piece that reads back wrong is written once more and read again; what stays wrong is named by
+byte range (4 KiB precision) and, with a bmap, by block range.
 
 A target that fails (I/O error, verification) does not stop the others: each has its own
 progress and :class:`TargetResult`. A bad image stops all of them; :meth:`Image.precheck` runs
