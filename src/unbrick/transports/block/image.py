@@ -336,7 +336,6 @@ class Image:
         self.path = Path(path)
         self.limits = limits
         self._zip_member_name = zip_member
-        self._lock = threading.Lock()
         try:
             self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except FileNotFoundError as e:
@@ -639,10 +638,13 @@ class Image:
         """
         if not self.needs_precheck():
             return
-        if self.info.seekable:
-            self._check_file(progress, chunk_bytes, retain_bytes)
-            return
-        self._check_stream(max_size, progress, cancelled)
+        try:
+            if self.info.seekable:
+                self._check_file(progress, chunk_bytes, retain_bytes)
+            else:
+                self._check_stream(max_size, progress, cancelled)
+        except OSError as e:
+            raise SourceError(f"{self.path}: read failed: {e.strerror or e}") from e
 
     def _check_file(
         self, progress: CheckProgress | None, chunk_bytes: int, retain_bytes: int

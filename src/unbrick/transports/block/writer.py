@@ -49,6 +49,7 @@ from unbrick.errors import (
     DeviceError,
     JobError,
     PreflightError,
+    SourceError,
     UnbrickError,
     UsageError,
     VerifyError,
@@ -788,7 +789,7 @@ def write_to_targets(
     except UnbrickError as e:
         source_error = e
     except OSError as e:
-        source_error = DeviceError(f"{img.path}: read failed: {e.strerror}")
+        source_error = SourceError(f"{img.path}: read failed: {e.strerror or e}")
     finally:
         for w in workers:
             w.put(None)
