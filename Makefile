@@ -46,6 +46,7 @@ bench: setup deps
 	$(BIN)/python bench/xymodem_bench.py --sizes 256K --repeat 3
 	$(BIN)/python bench/flashrom_bench.py --repeat 3
 	$(BIN)/python bench/fastboot_bench.py --repeat 3
+	$(BIN)/python bench/block_bench.py --repeat 3
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -405,3 +405,23 @@ def test_sqlite_concurrent_writers_from_two_processes(tmp_path: Path) -> None:
         assert len(steps) == 80 and all(st.result == "ok" for st in steps)
         assert names == {f"{t}-{i}" for t in "ab" for i in range(40)}
         assert s.checkpoints(job.id) == {"a": {"i": 39}, "b": {"i": 39}}
+
+
+def test_many_stores_opening_a_new_database_at_once(tmp_path: Path) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+    path = tmp_path / "jobs.sqlite3"
+
+    def open_close() -> None:
+        try:
+            SQLiteStore(path).close()
+        except BaseException as e:  # collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_close) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -283,9 +283,15 @@ def _flash_many(
     _confirm(f"Write {request.image.name} to {len(uris)} devices: {', '.join(uris)}?", yes, as_json)
     results: dict[str, dict[str, Any]] = {}
 
+    opening = threading.Lock()
+
     def one(uri: str) -> None:
         try:
-            with workbench(ListSink(), profile, dict(request.forced)) as (wb, chosen):
+            with contextlib.ExitStack() as stack:
+                with opening:  # one job database connection opens at a time
+                    wb, chosen = stack.enter_context(
+                        workbench(ListSink(), profile, dict(request.forced))
+                    )
                 result = wb.flash(uri, _with_profile(request, chosen))
             results[uri] = {"outcome": result.outcome, "job": result.job_id, "exit": 0}
         except UnbrickError as e:

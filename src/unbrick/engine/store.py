@@ -528,7 +528,7 @@ class SQLiteStore:
     def _setup(self, busy_timeout_s: float) -> None:
         with self._translate("open"):
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._journal_mode_wal(busy_timeout_s)
             if str(mode).lower() != "wal":
                 log.warning(
                     "%s: WAL journal mode unavailable (got %s); writes stay durable but "
@@ -539,6 +539,19 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+
+    def _journal_mode_wal(self, busy_timeout_s: float) -> str:
+        """Switch to WAL. Two connections opening a new database at once can get "database is
+        locked" here at once (SQLite does not wait on the busy handler for this change), so the
+        switch is retried until the busy timeout."""
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                return str(self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def _migrate(self) -> None:
         with self._write():

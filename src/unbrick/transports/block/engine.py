@@ -72,7 +72,9 @@ class BlockDevice:
         result = self.driver.write_image(image, bmap=self.bmap or "auto", progress=report)
         how = {
             "o-direct": "read-back (O_DIRECT)",
+            "direct": "read-back (O_DIRECT)",
             "fadvise": "read-back (page cache dropped)",
+            "drop-cache": "read-back (page cache dropped)",
         }.get(result.verify_method, "")
         return ImageWriteResult(
             bytes_written=result.written_bytes,
