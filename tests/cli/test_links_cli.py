@@ -54,7 +54,9 @@ def test_flashrom_write_protected_chip_is_refused_untouched(tmp_path: Path) -> N
     uri = f"flashrom://dummy?emulate=W25Q128FV&image={chip}&hwwp=yes&spi_status=0x9c"
     done = cli(tmp_path / "home", "flash", uri, str(image), "--yes")
     assert done.returncode == 3, done.stdout + done.stderr
-    assert "write-protect" in done.stderr or "write protect" in done.stderr
+    # Refused at pre-flight, before any backup is read.
+    assert "FAIL device.write_protect" in done.stdout
+    assert "backup-read" not in done.stdout
     assert chip.read_bytes() == b"\xa5" * (16 << 20)
 
 

@@ -104,6 +104,7 @@ def test_a_good_job_passes_every_check_in_order() -> None:
         "region.critical",
         "backup.verified",
         "device.identity",
+        "device.write_protect",
         "device.unlocked",
     )
 
@@ -503,3 +504,24 @@ def test_device_unlocked() -> None:
     r = result.get("device.unlocked")
     assert not r.passed and not r.overridable
     assert "never unlocks it" in r.message and "erases all user data" in r.message
+
+
+def test_device_write_protect() -> None:
+    assert check(base_ctx(), "device.write_protect") == (
+        True,
+        "the device reports no write protection",
+    )
+    off = ident(extra={"wp_mode": "disabled", "wp_start": "0", "wp_length": "0"})
+    assert check(base_ctx(identity=off), "device.write_protect") == (
+        True,
+        "write protection is disabled",
+    )
+    # The sim router's firmware region is at 0x80000: a protected boot block is elsewhere.
+    low = ident(extra={"wp_mode": "hardware", "wp_start": "0", "wp_length": "0x10000"})
+    ok, msg = check(base_ctx(identity=low), "device.write_protect")
+    assert ok and "outside the target" in msg
+    whole = ident(extra={"wp_mode": "hardware", "wp_start": "0", "wp_length": str(8 << 20)})
+    result = run_preflight(base_ctx(identity=whole))
+    r = result.get("device.write_protect")
+    assert not r.passed and not r.overridable
+    assert "covers 0x0-0x7fffff" in r.message and "--wp-disable" in r.message

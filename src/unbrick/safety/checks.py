@@ -107,6 +107,13 @@ CHECKS: tuple[CheckSpec, ...] = (
         "the device matches the profile's identification rules and storage size",
     ),
     CheckSpec(
+        "device.write_protect",
+        False,
+        "no write-protected range of the chip (as the programmer reports it) overlaps the target",
+        "a protected range refuses the write, or takes only part of it; lifting the protection "
+        "is a deliberate act on the board (the WP# pin, the status register)",
+    ),
+    CheckSpec(
         "device.unlocked",
         False,
         "a device that reports a bootloader lock state (fastboot 'unlocked') is unlocked",
@@ -666,6 +673,37 @@ def _region_critical(ctx: PreflightContext) -> _Outcome:
     return _ok(f"critical region {names} allowed by --allow-critical, with a backup")
 
 
+def _device_write_protect(ctx: PreflightContext) -> _Outcome:
+    extra = ctx.identity.extra
+    mode = extra.get("wp_mode")
+    if mode is None:
+        return _ok("the device reports no write protection")
+    try:
+        start, length = int(extra.get("wp_start", "0"), 0), int(extra.get("wp_length", "0"), 0)
+    except ValueError:
+        return _fail(f"the device reported an unreadable write-protect range {extra!r}")
+    if mode == "disabled" or length <= 0:
+        return _ok(f"write protection is {mode}")
+    storage = ctx.identity.storage
+    hit = []
+    for t in ctx.targets:
+        size = region_size_bytes(t, storage.size_bytes if storage is not None else None)
+        end = t.offset + (size or 0)
+        if t.offset < start + length and start < end:
+            hit.append(t.name)
+    protected = f"0x{start:x}-0x{start + length - 1:x}"
+    if not hit:
+        return _ok(f"write protection ({mode}) covers {protected}, outside the target")
+    return _fail(
+        f"the chip's write protection ({mode}) covers {protected}, which overlaps "
+        f"{', '.join(repr(h) for h in hit)}; nothing was written. Release the WP# pin (or the "
+        "clip's WP wire) and clear the protection ('flashrom --wp-disable'), then try again",
+        mode=mode,
+        start=start,
+        length=length,
+    )
+
+
 def _device_unlocked(ctx: PreflightContext) -> _Outcome:
     state = ctx.identity.extra.get("unlocked")
     if state is None:
@@ -759,6 +797,7 @@ _RUNNERS: dict[str, Callable[[PreflightContext], _Outcome]] = {
     "region.critical": _region_critical,
     "backup.verified": _backup_verified,
     "device.identity": _device_identity,
+    "device.write_protect": _device_write_protect,
     "device.unlocked": _device_unlocked,
 }
 assert tuple(_RUNNERS) == CHECK_IDS
