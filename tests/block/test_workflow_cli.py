@@ -118,6 +118,8 @@ def test_two_targets_at_once_and_an_oversize_image_refused(
     )
     assert code == 0, out
     assert out.count("success: block://") == 2
+    # Each target's steps, on lines of their own.
+    assert f"block://{a}: ok   write" in out and f"block://{b}: ok   verify" in out
     assert a.read_bytes()[: len(data)] == data and b.read_bytes()[: len(data)] == data
     small = target(tmp_path / "small.img", 4 * MiB)
     before = small.read_bytes()

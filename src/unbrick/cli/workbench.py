@@ -284,13 +284,32 @@ def _flash_many(
     results: dict[str, dict[str, Any]] = {}
 
     opening = threading.Lock()
+    printing = threading.Lock()
+
+    class TargetSink(ListSink):
+        """Each target's steps, as they end, on lines of their own (JSON: events)."""
+
+        def __init__(self, uri: str) -> None:
+            super().__init__()
+            self.uri = uri
+
+        def emit(self, event: Any) -> None:
+            super().emit(event)
+            if event.kind not in ("step-end", "step-error", "progress"):
+                return
+            with printing, contextlib.suppress(OSError):  # a closed pipe stops no job
+                if as_json:
+                    print_json({"target": self.uri, **event.to_dict()})
+                elif event.kind != "progress":
+                    mark = "ok  " if event.kind == "step-end" else "FAIL"
+                    stdout_console().print(f"{self.uri}: {mark} {event.name}", highlight=False)
 
     def one(uri: str) -> None:
         try:
             with contextlib.ExitStack() as stack:
                 with opening:  # one job database connection opens at a time
                     wb, chosen = stack.enter_context(
-                        workbench(ListSink(), profile, dict(request.forced))
+                        workbench(TargetSink(uri), profile, dict(request.forced))
                     )
                 result = wb.flash(uri, _with_profile(request, chosen))
             results[uri] = {"outcome": result.outcome, "job": result.job_id, "exit": 0}
