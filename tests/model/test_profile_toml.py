@@ -605,3 +605,50 @@ def test_link_tables_set_uri_defaults_and_the_backup_scope() -> None:
 def test_bad_link_tables_are_refused(table: str, fragments: tuple[str, ...]) -> None:
     text = table + BASE if table.startswith("link =") else BASE + "\n" + table
     refused(text, *fragments)
+
+
+def test_oem_allow_is_a_typed_list_and_never_a_uri_parameter() -> None:
+    p = load(
+        BASE + '\n[link.fastboot]\noem_allow = ["device-info", "get-log all"]\nwait = 30\n'
+        'backup_scope = "target"\n'
+    )
+    assert p.oem_allow("fastboot") == ("device-info", "get-log all")
+    assert p.link_params("fastboot") == {"wait": "30"}
+    assert p.backup_scope("fastboot") == "target"
+    assert p.oem_allow("uboot") == () and load(BASE).oem_allow("fastboot") == ()
+    builtin = dict(builtin_profile_sources())
+    generic = load_profile(
+        builtin["builtin:android-fastboot-generic.toml"], "builtin:android-fastboot-generic.toml"
+    )
+    assert generic.oem_allow("fastboot") == ("device-info",)
+    assert "oem_allow" not in generic.link_params("fastboot")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ('"device-info"', "must be a list of non-empty strings, not 'device-info'"),
+        ("[3]", "must be a list of non-empty strings, not [3]"),
+        ('["device-info", ""]', "must be a list of non-empty strings"),
+        ('["device  info"]', "has 'device  info'; each item is an oem command"),
+        ('["device-info\\n"]', "each item is an oem command"),
+        ('["it\'s"]', "each item is an oem command"),
+        ('["oem device-info"]', "write the command without 'oem'"),
+        ('["device-info", "device-info"]', "lists an item twice"),
+    ],
+)
+def test_bad_oem_allow_lists_are_refused(value: str, fragment: str) -> None:
+    msg = refused(
+        BASE + f"\n[link.fastboot]\noem_allow = {value}\n",
+        "'oem_allow' in [link.fastboot]",
+        fragment,
+        source="my-phone.toml",
+    )
+    assert "\n" not in msg
+
+
+def test_oem_allow_only_on_links_with_oem_commands() -> None:
+    refused(
+        BASE + '\n[link.uboot]\noem_allow = ["device-info"]\n',
+        "'oem_allow' in [link.uboot]: uboot links have no oem commands (only fastboot)",
+    )

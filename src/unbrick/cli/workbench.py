@@ -55,7 +55,7 @@ def _forced(force: tuple[str, ...], reason: tuple[str, ...]) -> tuple[tuple[str,
 
 @click.group()
 def device() -> None:
-    """Talk to a device: identify it and find its profile."""
+    """Talk to a device: identify it, find its profile, send allowed vendor commands."""
 
 
 @device.command()
@@ -93,6 +93,33 @@ def probe(uri: str, profile: str | None, as_json: bool) -> int:
             f"erase block {st.erase_block_bytes}"
         )
     con.print(f"  {'profile':<20} {prof.id + ' (' + prof.name + ')' if prof else 'none matches'}")
+    return 0
+
+
+@device.command()
+@click.argument("uri")
+@click.argument("command", nargs=-1, required=True)
+@click.option("--profile", help="Profile id or TOML file to use instead of matching.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def oem(uri: str, command: tuple[str, ...], profile: str | None, as_json: bool) -> int:
+    """Send the vendor command 'oem COMMAND' to the fastboot device at URI.
+
+    Only commands in the device profile's allow-list ([link.fastboot] oem_allow) are sent;
+    commands that lock or unlock the bootloader never are. Prints the device's messages and
+    its final answer.
+    """
+    from unbrick.cli.context import workbench
+    from unbrick.cli.render import print_json
+    from unbrick.engine.events import NullSink
+
+    with workbench(NullSink(), profile) as (wb, chosen):
+        result = wb.oem(uri, " ".join(command), profile_id=chosen)
+    if as_json:
+        print_json(result.to_dict())
+        return 0
+    for line in result.lines:
+        click.echo(line)
+    click.echo(f"OKAY {result.value}".rstrip())
     return 0
 
 

@@ -59,6 +59,7 @@ from unbrick.transports.base import (
     Device,
     Identify,
     ImageWrite,
+    OemCommands,
     Partitions,
     Reboot,
     WriteTarget,
@@ -193,6 +194,30 @@ class JobResult:
         }
 
 
+@dataclass(frozen=True)
+class OemResult:
+    """An ``oem`` command the profile allowed, and the device's answer."""
+
+    device_uri: str
+    profile_id: str
+    command: str
+    #: The device's INFO/TEXT lines, in order, and the text of its final OKAY.
+    lines: tuple[str, ...]
+    value: str
+    #: The profile's allow-list the command was checked against.
+    allowed: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device_uri,
+            "profile": self.profile_id,
+            "command": self.command,
+            "lines": list(self.lines),
+            "value": self.value,
+            "allowed": list(self.allowed),
+        }
+
+
 class _Cut(TransportError):
     """Internal: the device went away mid-job; the job stays resumable."""
 
@@ -230,6 +255,45 @@ class Workbench:
         with self._device(address) as dev:
             identity = _identify(dev, address)
         return identity, self._match_profile(identity, profile_id, required=False)
+
+    def oem(self, uri: str, command: str, *, profile_id: str | None = None) -> OemResult:
+        """Send the vendor command ``oem COMMAND`` if the device's profile allows it
+        (``[link.PROTOCOL] oem_allow``: its first word or the whole command).
+
+        UsageError, with nothing sent to the device, when the link has no oem commands, the
+        profile's list lacks the command, or the command would lock or unlock the bootloader
+        (refused whatever the list says). A FAIL of the device is a DeviceError.
+        """
+        text = " ".join(command.split())
+        if not text:
+            raise UsageError("no oem command given", hint="e.g. unbrick device oem URI device-info")
+        address = self._address(uri, profile_id)
+        with self._device(address) as dev:
+            if Capability.OEM not in dev.capabilities:
+                raise UsageError(
+                    f"{address.scheme}:// devices take no oem commands",
+                    hint="oem commands are for fastboot devices",
+                )
+            identity = _identify(dev, address)
+            profile = self._match_profile(identity, profile_id, required=True)
+            assert profile is not None
+            allowed = profile.oem_allow(address.protocol)
+            args = {"command": text, "profile": profile.id}
+            self.sink.emit(Event("step-start", "oem", data=args))
+            try:
+                reply = cast(OemCommands, dev).oem(text, allowed)
+            except UnbrickError as e:
+                self.sink.emit(Event("step-error", "oem", data={**args, "error": e.one_line()}))
+                raise
+            self.sink.emit(Event("step-end", "oem", data={**args, "lines": list(reply.lines)}))
+        return OemResult(
+            device_uri=uri,
+            profile_id=profile.id,
+            command=reply.command,
+            lines=reply.lines,
+            value=reply.value,
+            allowed=allowed,
+        )
 
     def plan(self, uri: str, request: FlashRequest) -> Plan:
         """Probe the device and check the image against it; writes nothing."""
@@ -1545,6 +1609,7 @@ __all__ = [
     "FlashRequest",
     "IntegrityRequest",
     "JobResult",
+    "OemResult",
     "Plan",
     "Workbench",
     "boot_problems",

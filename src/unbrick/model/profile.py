@@ -136,6 +136,10 @@ class Profile:
     #: Per link protocol ("uboot", "sim", ...): defaults for the device URI's query
     #: parameters (the URI's own win), and ``backup_scope`` ("full" or "target").
     link: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Per link protocol: the ``oem`` commands the device may be sent (``[link.fastboot]
+    #: oem_allow``), each a first word or a whole command. Never a URI parameter: a device
+    #: URI cannot widen it.
+    oem: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def link_params(self, protocol: str) -> dict[str, str]:
         """The URI parameters this profile sets by default on links of ``protocol``."""
@@ -146,6 +150,10 @@ class Profile:
     def backup_scope(self, protocol: str) -> str:
         """What a flash backs up on links of ``protocol`` unless asked: "full" or "target"."""
         return self.link.get(protocol, {}).get("backup_scope", "full")
+
+    def oem_allow(self, protocol: str) -> tuple[str, ...]:
+        """The ``oem`` commands this profile allows on links of ``protocol`` (empty: none)."""
+        return self.oem.get(protocol, ())
 
     def matches(self, identity: DeviceIdentity) -> bool:
         return bool(self.match) and all(rule.matches(identity) for rule in self.match)

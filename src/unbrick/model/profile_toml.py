@@ -65,7 +65,12 @@ MAX_PROFILE_BYTES = 1 << 20
 #: Link protocols a profile may set defaults for (the protocols of device URIs).
 LINK_PROTOCOLS = frozenset(protocol for protocol, _, _ in SCHEMES.values())
 BACKUP_SCOPES = ("full", "target", "none")
+#: Link protocols whose devices take ``oem`` commands (``[link.PROTOCOL] oem_allow``).
+OEM_LINKS = ("fastboot",)
 _PARAM = re.compile(r"[a-z][a-z0-9_]{0,39}")
+#: One allowed oem command: words of printable ASCII without quotes, separated by one space.
+_OEM_COMMAND = re.compile(r"[!#-&(-~]+(?: [!#-&(-~]+)*")
+_OEM_COMMAND_MAX = 200
 
 _TOP_KEYS = (
     "id",
@@ -473,15 +478,17 @@ def _boot(top: _Table) -> BootCheck:
     )
 
 
-def _links(top: _Table) -> dict[str, dict[str, str]]:
+def _links(top: _Table) -> tuple[dict[str, dict[str, str]], dict[str, tuple[str, ...]]]:
     """``[link.PROTOCOL]`` tables: URI parameter defaults (strings, numbers or booleans,
-    which become "on"/"off") and ``backup_scope``."""
+    which become "on"/"off"), ``backup_scope``, and ``oem_allow`` (kept apart from the URI
+    parameters, so that a URI cannot set it)."""
     raw = top.raw("link")
     if raw is None:
-        return {}
+        return {}, {}
     if not isinstance(raw, dict):
         raise top.bad("link", f"must be tables ([link.uboot]), not {type(raw).__name__}")
     out: dict[str, dict[str, str]] = {}
+    oem: dict[str, tuple[str, ...]] = {}
     for protocol, table in raw.items():
         where = f"[link.{protocol}]"
         if protocol not in LINK_PROTOCOLS:
@@ -490,6 +497,9 @@ def _links(top: _Table) -> dict[str, dict[str, str]]:
             raise top.error(f"{where} must be a table, not {type(table).__name__}")
         params: dict[str, str] = {}
         for key, value in table.items():
+            if key == "oem_allow":
+                oem[protocol] = _oem_allow(top, protocol, value)
+                continue
             if not _PARAM.fullmatch(key):
                 raise top.error(f"'{key}' in {where} is not a URI parameter name")
             if isinstance(value, bool):
@@ -508,7 +518,29 @@ def _links(top: _Table) -> dict[str, dict[str, str]]:
                 )
             params[key] = text
         out[protocol] = params
-    return out
+    return out, oem
+
+
+def _oem_allow(top: _Table, protocol: str, value: Any) -> tuple[str, ...]:
+    """``oem_allow``: a list of oem commands (a first word, or a whole command)."""
+    where = f"'oem_allow' in [link.{protocol}]"
+    if protocol not in OEM_LINKS:
+        raise top.error(
+            f"{where}: {protocol} links have no oem commands (only {', '.join(OEM_LINKS)})"
+        )
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise top.error(f"{where} must be a list of non-empty strings, not {value!r}")
+    for item in value:
+        if len(item) > _OEM_COMMAND_MAX or not _OEM_COMMAND.fullmatch(item):
+            raise top.error(
+                f"{where} has {item!r}; each item is an oem command without 'oem' (printable "
+                f"ASCII words, one space apart, at most {_OEM_COMMAND_MAX} characters)"
+            )
+        if item.split(" ", 1)[0] == "oem":
+            raise top.error(f"{where} has {item!r}; write the command without 'oem'")
+    if len(set(value)) != len(value):
+        raise top.error(f"{where} lists an item twice: {value!r}")
+    return tuple(value)
 
 
 def _compat(top: _Table) -> Compatibility:
@@ -573,6 +605,7 @@ def load_profile(data: bytes, source: str) -> Profile:
         )
     verify = top.choice("verify", VERIFY_MODES, "auto")
     assert verify is not None
+    link, oem = _links(top)
     return Profile(
         id=pid,
         name=name,
@@ -587,7 +620,8 @@ def load_profile(data: bytes, source: str) -> Profile:
         loader=_loader(top, names),
         verify=verify,
         source=source,
-        link=_links(top),
+        link=link,
+        oem=oem,
     )
 
 

@@ -33,6 +33,7 @@ import queue
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -180,6 +181,8 @@ class FastbootPhone:
         self.staged = 0
         self._staged_upload: bytes | None = None
         self._download_seen = 0
+        #: How many times each command (``getvar``, ``oem``, ``fetch``...) was received.
+        self.received: Counter[str] = Counter()
 
     # ---------------------------------------------------------------------------------------
     # Creation and persistence
@@ -352,6 +355,10 @@ class FastbootPhone:
 
     # ---------------------------------------------------------------------------------------
     # Online/offline
+
+    def note_command(self, name: str) -> None:
+        with self._lock:
+            self.received[name] += 1
 
     def online(self) -> bool:
         return time.monotonic() >= self._offline_until
@@ -651,6 +658,7 @@ class PhoneSession:
             return
         log.debug("fastboot phone: %s %s", cmd.name, cmd.arg)
         phone = self.phone
+        phone.note_command(cmd.name)
         name, arg = cmd.name, cmd.arg
         if name == "getvar":
             if arg == "all":

@@ -9,7 +9,7 @@ storage. Drivers raise TransportError/DeviceError (unbrick.errors) and nothing e
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -32,6 +32,8 @@ class Capability(enum.Enum):
     IMAGE_WRITE = "image-write"
     #: Storage is a set of named partitions the device locates itself (fastboot).
     PARTITIONS = "partitions"
+    #: Vendor ``oem`` commands, sent only from the profile's allow-list (fastboot).
+    OEM = "oem"
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,26 @@ class ImageWrite(Protocol):
 class Partitions(Protocol):
     def partition_size(self, name: str) -> int | None:
         """The size of a partition the device knows by name; None when it does not say."""
+        ...
+
+
+@dataclass(frozen=True)
+class OemReply:
+    """What the device answered an ``oem`` command: its message lines and final text."""
+
+    command: str
+    #: The INFO/TEXT lines the device sent before its final answer, in order.
+    lines: tuple[str, ...]
+    #: The text of the final OKAY (often empty).
+    value: str = ""
+
+
+@runtime_checkable
+class OemCommands(Protocol):
+    def oem(self, command: str, allowed: Collection[str]) -> OemReply:
+        """Send ``oem COMMAND`` if its first word or the whole command is in ``allowed``;
+        a command that would lock or unlock the bootloader is refused whatever ``allowed``
+        says. A refusal is a UsageError raised before anything is sent."""
         ...
 
 

@@ -10,6 +10,7 @@ chunk). Partition sizes from ``getvar all`` (``partition-size:NAME``) go into th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -22,6 +23,7 @@ from unbrick.transports.base import (
     BootState,
     Capability,
     ImageWriteResult,
+    OemReply,
     WriteTarget,
 )
 from unbrick.transports.fastboot.driver import FastbootDriver, UpdateReport, open_fastboot
@@ -41,6 +43,7 @@ class FastbootDevice:
         self.capabilities: frozenset[Capability] = driver.capabilities | {
             Capability.IMAGE_WRITE,
             Capability.PARTITIONS,
+            Capability.OEM,
         }
         self.max_transfer = 1 << 20
         #: Formats written as they are: sparse images go in pieces of max-download-size.
@@ -86,6 +89,12 @@ class FastbootDevice:
                 "sent_bytes": report.sent_bytes,
             },
         )
+
+    def oem(self, command: str, allowed: Collection[str]) -> OemReply:
+        """``oem COMMAND`` when ``allowed`` (the profile's list) has it; never lock/unlock."""
+        self.driver.options = dataclasses.replace(self.driver.options, oem_allow=tuple(allowed))
+        result = self.driver.oem(command)
+        return OemReply(command=" ".join(command.split()), lines=result.info, value=result.value)
 
     def prepare_update(self, package: Path, *, forced: Collection[str] = ()) -> UpdatePlan:
         """Check an update.zip against the device (android-info.txt, partitions, sizes)."""
