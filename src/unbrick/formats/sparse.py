@@ -1078,6 +1078,13 @@ class SparsePiece:
         """Write this piece to ``out`` (sequentially; ``out`` need not seek)."""
         return _write_runs(self.layout, self.runs, out, ctx)
 
+    def segments(self) -> Iterator[Segment]:
+        """This piece as it would be written, without reading the source: literal bytes and
+        ``(offset, length)`` ranges of the source (for a sender that copies them itself)."""
+        layout = self.layout
+        stats = SparseStats(block_size=layout.block_size, total_blocks=layout.total_blocks)
+        return _segments(layout, self.runs, stats)
+
 
 def _plan(runs: Sequence[Run], total: int) -> tuple[int, int]:
     """(chunks, dont_care_chunks) for a file with these runs covering ``total`` blocks."""
@@ -1093,12 +1100,15 @@ def _plan(runs: Sequence[Run], total: int) -> tuple[int, int]:
     return chunks + gaps, gaps
 
 
-def _write_runs(
-    layout: SparseLayout, runs: Sequence[Run], out: BinaryIO, ctx: Context
-) -> SparseStats:
+#: One piece of a sparse file being written: literal bytes (headers, fill patterns, padding)
+#: or ``(offset, length)``, a range of the source to copy as it is.
+Segment = bytes | tuple[int, int]
+
+
+def _segments(layout: SparseLayout, runs: Sequence[Run], stats: SparseStats) -> Iterator[Segment]:
+    """The sparse file for ``runs`` as segments, in order; counts what it yields in ``stats``."""
     bs = layout.block_size
     src = layout.source
-    stats = SparseStats(block_size=bs, total_blocks=layout.total_blocks)
     nchunks, _ = _plan(runs, layout.total_blocks)
     header = FILE_HEADER.pack(
         MAGIC,
@@ -1111,40 +1121,54 @@ def _write_runs(
         nchunks,
         0,
     )
-    out.write(header)
+    yield header
     written = len(header)
 
-    def skip(blocks: int) -> int:
+    def skip(blocks: int) -> bytes:
         stats.dont_care_chunks += 1
         stats.dont_care_blocks += blocks
-        out.write(CHUNK_HEADER.pack(CHUNK_DONT_CARE, 0, blocks, CHUNK_HEADER_SIZE))
-        return CHUNK_HEADER_SIZE
+        return CHUNK_HEADER.pack(CHUNK_DONT_CARE, 0, blocks, CHUNK_HEADER_SIZE)
 
     at = 0
     for first, count, pattern, offset in runs:
         if first > at:
-            written += skip(first - at)
+            yield skip(first - at)
+            written += CHUNK_HEADER_SIZE
         if pattern is None:
             length = count * bs
-            out.write(CHUNK_HEADER.pack(CHUNK_RAW, 0, count, CHUNK_HEADER_SIZE + length))
+            yield CHUNK_HEADER.pack(CHUNK_RAW, 0, count, CHUNK_HEADER_SIZE + length)
             have = max(0, min(length, src.size - offset))
-            for piece in src.chunks(offset, have, _IO):
-                out.write(piece)
-                ctx.check_time()
+            if have:
+                yield (offset, have)
             if have < length:  # the partial last block of a raw image
-                out.write(bytes(length - have))
+                yield bytes(length - have)
             stats.raw_chunks += 1
             stats.raw_blocks += count
             written += CHUNK_HEADER_SIZE + length
         else:
-            out.write(CHUNK_HEADER.pack(CHUNK_FILL, 0, count, CHUNK_HEADER_SIZE + 4) + pattern)
+            yield CHUNK_HEADER.pack(CHUNK_FILL, 0, count, CHUNK_HEADER_SIZE + 4) + pattern
             stats.fill_chunks += 1
             stats.fill_blocks += count
             written += CHUNK_HEADER_SIZE + 4
         at = first + count
     if at < layout.total_blocks:
-        written += skip(layout.total_blocks - at)
+        yield skip(layout.total_blocks - at)
+        written += CHUNK_HEADER_SIZE
     stats.output_size = written
+
+
+def _write_runs(
+    layout: SparseLayout, runs: Sequence[Run], out: BinaryIO, ctx: Context
+) -> SparseStats:
+    stats = SparseStats(block_size=layout.block_size, total_blocks=layout.total_blocks)
+    for seg in _segments(layout, runs, stats):
+        if isinstance(seg, bytes):
+            out.write(seg)
+            continue
+        offset, length = seg
+        for piece in layout.source.chunks(offset, length, _IO):
+            out.write(piece)
+            ctx.check_time()
     return stats
 
 

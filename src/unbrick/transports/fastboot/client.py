@@ -43,6 +43,9 @@ InfoCallback = Callable[[str], None]
 
 #: Bytes sent per message when a file goes out in one data phase (progress granularity).
 _SEND_SLICE = 16 << 20
+#: Raw ranges of a sparse piece at least this long are sent from the file (sendfile on
+#: TCP); shorter ones are copied into the next message with the headers around them.
+_DIRECT_MIN = 64 << 10
 
 #: ``oem`` commands that are never sent, whatever an allow-list says: unbrick does not unlock or
 #: relock bootloaders (unlocking wipes user data; relocking over custom images bricks phones).
@@ -325,14 +328,33 @@ class FastbootClient:
         return self._end_data("download")
 
     def _download_piece(
-        self, piece: sparse.SparsePiece, progress: ProgressCallback | None
+        self, piece: sparse.SparsePiece, f: BinaryIO, progress: ProgressCallback | None
     ) -> CommandResult:
+        """Send one sparse piece: its headers from memory, its raw data straight from ``f``
+        (sendfile on TCP), so that no copy of the data is made here."""
         from unbrick.formats import sparse  # noqa: PLC0415 - only for split images
-        from unbrick.formats.base import Context  # noqa: PLC0415
 
         self._begin_download(piece.size)
         writer = _DataWriter(self.link, self.options.data_timeout_s, progress, DATA_CHUNK * 4)
-        piece.write(writer, Context())  # type: ignore[arg-type]
+        timeout = self.options.data_timeout_s
+        for seg in piece.segments():
+            if isinstance(seg, bytes):
+                writer.write(seg)
+                continue
+            offset, length = seg
+            if length < _DIRECT_MIN:
+                f.seek(offset)
+                writer.write(f.read(length))
+                continue
+            writer.flush()
+            done = 0
+            while done < length:
+                n = min(_SEND_SLICE, length - done)
+                self.link.send_file(f, offset + done, n, timeout)
+                writer.sent += n
+                done += n
+                if progress is not None:
+                    progress(n)
         writer.flush()
         if writer.sent != piece.size:
             raise ImageError(
@@ -466,7 +488,7 @@ class FastbootClient:
                     count,
                     piece.size,
                 )
-                self._download_piece(piece, progress)
+                self._download_piece(piece, prepared.file, progress)
                 result = self.command(command, timeout_s=self._flash_timeout(piece.size))
                 info.extend(result.info)
         return FlashReport(

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes read from a file or socket at a time in data phases.
 DATA_CHUNK = 1 << 20
+#: How much a TCP link reads at once for headers and responses (several fit in one read).
+_READ_AHEAD = 4096
 #: UDP: how long the host waits for an answer before sending a packet again.
 UDP_RESEND_S = 0.5
 #: UDP: the largest packet this host offers in Init (the device may ask for less).
@@ -90,6 +92,8 @@ class TcpLink:
         self.description = description
         #: Bytes of the current incoming message not read yet.
         self._left = 0
+        #: Received and not yet consumed (one recv often holds several short messages).
+        self._rbuf = bytearray()
 
     @classmethod
     def connect(
@@ -149,13 +153,13 @@ class TcpLink:
         sock = self._io(timeout_s)
         try:
             if self._left == 0:
-                self._left = p.parse_frame_header(_recv_exact(sock, p.TCP_LENGTH_BYTES))
+                self._left = p.parse_frame_header(self._read_exact(sock, p.TCP_LENGTH_BYTES))
             if self._left > p.MAX_READ_RESPONSE_BYTES:
                 raise p.FastbootProtocolError(
                     f"response of {self._left} bytes from {self.description} is too long"
                 )
             n, self._left = self._left, 0
-            return _recv_exact(sock, n)
+            return self._read_exact(sock, n)
         except TimeoutError as e:
             raise _lost(self.description, f"no answer within {timeout_s:g} s") from e
         except (OSError, EOFError) as e:
@@ -195,7 +199,7 @@ class TcpLink:
         try:
             while left > 0:
                 if self._left == 0:
-                    self._left = p.parse_frame_header(_recv_exact(sock, p.TCP_LENGTH_BYTES))
+                    self._left = p.parse_frame_header(self._read_exact(sock, p.TCP_LENGTH_BYTES))
                     empty = 0 if self._left else empty + 1
                     if empty > 1000:
                         raise p.FastbootProtocolError(
@@ -203,7 +207,12 @@ class TcpLink:
                         )
                     continue
                 want = min(left, self._left, len(buf))
-                n = sock.recv_into(view[:want])
+                if self._rbuf:
+                    n = min(want, len(self._rbuf))
+                    view[:n] = self._rbuf[:n]
+                    del self._rbuf[:n]
+                else:
+                    n = sock.recv_into(view[:want])
                 if n == 0:
                     raise EOFError("connection closed by the device")
                 self._left -= n
@@ -213,6 +222,19 @@ class TcpLink:
             raise _lost(self.description, f"no data within {timeout_s:g} s") from e
         except (OSError, EOFError) as e:
             raise _lost(self.description, "the connection was lost while reading data", e) from e
+
+    def _read_exact(self, sock: socket.socket, n: int) -> bytes:
+        """``n`` bytes: first what an earlier read took in, then from the socket, reading up to
+        ``_READ_AHEAD`` at once (what is read beyond ``n`` waits in ``_rbuf``)."""
+        buf = self._rbuf
+        while len(buf) < n:
+            chunk = sock.recv(max(n - len(buf), _READ_AHEAD))
+            if not chunk:
+                raise EOFError("connection closed by the device")
+            buf += chunk
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
