@@ -510,6 +510,12 @@ def write_pieces(pieces: Sequence[sparse.SparsePiece]) -> list[bytes]:
         stats = p.write(out, Context())
         assert len(out.getvalue()) == p.size == stats.output_size
         assert sparse.parse_header(out.getvalue()).total_chunks == p.chunks
+        # What a sender builds from the segments (copying the ranges itself) is the same file.
+        src = p.layout.source
+        rebuilt = b"".join(
+            seg if isinstance(seg, bytes) else src.read_at(seg[0], seg[1]) for seg in p.segments()
+        )
+        assert rebuilt == out.getvalue()
         blobs.append(out.getvalue())
     return blobs
 
