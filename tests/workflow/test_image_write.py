@@ -191,12 +191,15 @@ def test_the_link_writes_the_inactive_slot_and_its_check_is_the_verification(
     assert phone.writes == [WriteTarget("boot_b", 0, img.stat().st_size, slot="b")]
     assert phone.active == "b"
     steps = rig.steps()
-    assert steps["backup"] == {"skipped": "this link cannot read the device back"}
+    assert steps["backup"] == {
+        "skipped": "the device cannot send its partitions back (a fastboot bootloader without "
+        "'fetch')"
+    }
     assert steps["verify"]["method"] == "link (fastboot OKAY)"
     assert steps["write"]["verified_by"] == "fastboot OKAY"
     plan_checks = {c["id"]: c for c in rig.workbench().store.get_job(result.job_id).plan["checks"]}
     assert plan_checks["backup.verified"]["passed"] is True
-    assert "cannot read the device back" in plan_checks["backup.verified"]["message"]
+    assert "cannot send its partitions back" in plan_checks["backup.verified"]["message"]
 
 
 def test_an_image_larger_than_the_partition_the_device_reports_is_refused(

@@ -192,3 +192,17 @@ def test_docs_list_every_check_with_its_override_rule() -> None:
     rows = dict(re.findall(r"^\| `([a-z_.]+)` \|.*\| (yes|no)\b", doc, re.MULTILINE))
     for c in CHECKS:
         assert rows.get(c.id) == ("yes" if c.overridable else "no"), c.id
+
+
+def test_docs_list_every_capability_with_its_protocol() -> None:
+    import re
+    from pathlib import Path
+
+    from unbrick.transports import base
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "workflow.md").read_text()
+    section = doc.split("### Capabilities", 1)[1].split("\n###", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z-]+)` \| `?([A-Za-z-]+)`? \|", section, re.MULTILINE))
+    assert set(rows) == {c.value for c in base.Capability}
+    for protocol in rows.values():
+        assert protocol == "-" or isinstance(getattr(base, protocol, None), type), protocol

@@ -109,6 +109,7 @@ _PHONE_FAULT_KEYS = (
     "reboot-delay",
     "flash-delay",
     "fail-partition",
+    "corrupt-partition",
     "no-fetch",
 )
 
@@ -137,6 +138,8 @@ def parse_phone_faults(specs: tuple[str, ...]) -> PhoneFaults:
                 faults = replace(faults, flash_delay_s=float(text))
             elif key == "fail-partition":
                 faults = replace(faults, fail_partition=text or None)
+            elif key == "corrupt-partition":
+                faults = replace(faults, corrupt_partition=text or None)
             else:
                 faults = replace(faults, no_fetch=text.strip().lower() in ("1", "yes", "true"))
         except ValueError as e:
@@ -196,7 +199,7 @@ def sim(
     bit-error-rate=P (per answer frame), disconnect-after=N (frames per connection),
     slow=BYTES_PER_S, power-on-delay=S, seed=N. fastboot-phone faults:
     disconnect-after-bytes=N (vanish mid-download), offline=S, reboot-delay=S,
-    flash-delay=S, fail-partition=NAME, no-fetch=1.
+    flash-delay=S, fail-partition=NAME, corrupt-partition=NAME (once), no-fetch=1.
     """
     if kind == FASTBOOT_PHONE:
         if brick or bad_blocks is not None or reset_factory or autoboot_delay is not None:

@@ -28,7 +28,14 @@ from unbrick.engine.vault import BackupRecord, BackupVault
 from unbrick.errors import DeviceError, IntegrityError, UnbrickError, UsageError, VerifyError
 from unbrick.model.identity import DeviceIdentity
 from unbrick.model.profile import Region
-from unbrick.transports.base import Capability, Device, DeviceHash, FlashRead
+from unbrick.transports.base import (
+    Capability,
+    Device,
+    DeviceHash,
+    FlashRead,
+    PartitionRead,
+    Partitions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,10 @@ WINDOW_BYTES = 1 << 20
 WHOLE_STORAGE = "storage"
 METHOD_DEVICE_HASH = "device-hash"
 METHOD_READ_TWICE = "read-twice"
+#: ``meta["addressing"]`` of a backup of named partitions (see :class:`PartitionSpan`).
+ADDRESSING_PARTITIONS = "partitions"
+#: Bytes asked for in one read of a partition (one ``fetch``).
+PARTITION_TRANSFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -265,6 +276,7 @@ def take_backup(
     sink: EventSink,
     job_id: str = "",
     window_bytes: int = WINDOW_BYTES,
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> BackupRecord:
     """Read ``regions`` (None: the whole storage) from ``device``, verify, store in ``vault``.
 
@@ -366,6 +378,7 @@ def take_backup(
                 "reads": reader.reads,
                 "retries": reader.retries,
             },
+            **(extra_meta or {}),
         }
 
     record = vault.put(stream(), meta)
@@ -381,6 +394,89 @@ def take_backup(
         method,
     )
     return record
+
+
+class PartitionSpan:
+    """Named partitions of a device with ``Capability.PARTITION_READ`` as one readable address
+    space (a ``FlashRead``): each partition starts where the previous one ends, so that
+    :func:`take_backup` reads them as regions that do not overlap. A read never crosses from
+    one partition into the next (take_backup reads inside one region at a time)."""
+
+    max_transfer = PARTITION_TRANSFER
+
+    def __init__(self, device: Device, partitions: Sequence[tuple[str, int]]) -> None:
+        self.address = getattr(device, "address", None)
+        self.capabilities = frozenset({Capability.READ})
+        self._device = cast(PartitionRead, device)
+        spans: list[Region] = []
+        at = 0
+        for name, size in partitions:
+            spans.append(Region(name, at, size, kind="data"))
+            at += size
+        self.regions: tuple[Region, ...] = tuple(spans)
+
+    def read(self, offset: int, length: int) -> bytes:
+        for region in self.regions:
+            if region.offset <= offset < region.end:
+                if offset + length > region.end:
+                    raise UsageError(
+                        f"a read of {length} bytes at {offset - region.offset} runs past the "
+                        f"end of partition '{region.name}'"
+                    )
+                return self._device.read_partition(region.name, offset - region.offset, length)
+        raise UsageError(f"offset {offset} is in none of the partitions being read")
+
+    def close(self) -> None:
+        """The device is closed by its owner."""
+
+
+def take_partition_backup(
+    device: Device,
+    partitions: Sequence[str],
+    *,
+    vault: BackupVault,
+    identity: DeviceIdentity,
+    progress: Progress | None,
+    sink: EventSink,
+    job_id: str = "",
+) -> BackupRecord:
+    """Back up whole partitions, by name, of a device of named partitions that can read them
+    back (``Capability.PARTITIONS`` and ``Capability.PARTITION_READ``), read twice and
+    compared window by window, as :func:`take_backup` does."""
+    caps = device.capabilities
+    if Capability.PARTITIONS not in caps or Capability.PARTITION_READ not in caps:
+        raise UsageError(
+            "this device cannot send its partitions back, so no backup can be taken",
+            hint="fastboot needs a bootloader with 'fetch' (fastbootd of Android 12+); back the "
+            "device up another way",
+        )
+    if not partitions:
+        raise UsageError("no partitions to back up", hint="name them with --region NAME")
+    sizes: list[tuple[str, int]] = []
+    for name in partitions:
+        size = cast(Partitions, device).partition_size(name)
+        if not size:
+            raise UsageError(
+                f"the device has no partition '{name}', or does not say how large it is",
+                hint="check the name against 'unbrick device probe --json'",
+            )
+        sizes.append((name, size))
+    span = PartitionSpan(device, sizes)
+    return take_backup(
+        cast(Device, span),
+        span.regions,
+        vault=vault,
+        identity=identity,
+        progress=progress,
+        sink=sink,
+        job_id=job_id,
+        extra_meta={"addressing": ADDRESSING_PARTITIONS},
+    )
+
+
+def is_partition_backup(meta: Mapping[str, Any]) -> bool:
+    """True for a backup of named partitions (its offsets are not device addresses)."""
+    return meta.get("addressing") == ADDRESSING_PARTITIONS
 
 
 def _find_region(record: BackupRecord, name: str) -> BackupRegion:
@@ -463,15 +559,19 @@ def _iter_covered(
 
 
 __all__ = [
+    "ADDRESSING_PARTITIONS",
     "METHOD_DEVICE_HASH",
     "METHOD_READ_TWICE",
     "WHOLE_STORAGE",
     "WINDOW_BYTES",
     "BackupRegion",
+    "PartitionSpan",
     "backup_covers",
     "backup_regions",
     "covers",
+    "is_partition_backup",
     "iter_range",
     "iter_region_data",
     "take_backup",
+    "take_partition_backup",
 ]

@@ -30,6 +30,7 @@ from unbrick.engine.writer import (
     ImageData,
     Target,
     bad_ranges,
+    partition_bad_ranges,
     range_digest,
     verify_range,
     write_range,
@@ -60,6 +61,7 @@ from unbrick.transports.base import (
     Identify,
     ImageWrite,
     OemCommands,
+    PartitionRead,
     Partitions,
     Reboot,
     WriteTarget,
@@ -520,12 +522,30 @@ class Workbench:
         target, slot = self._target(dev, profile, request, flash_size, manifest)
         loader = self._loader(profile, request)
         scope = request.backup_scope or profile.backup_scope(address.protocol)
-        can_back_up = Capability.READ in dev.capabilities and scope != "none"
-        no_backup = ""
-        if Capability.READ not in dev.capabilities:
-            no_backup = f"{address.protocol} links cannot read the device back"
-        elif scope == "none":
-            no_backup = f"profile {profile.id} takes no backup on {address.protocol} links"
+        partition_size: int | None = None
+        if Capability.PARTITIONS in dev.capabilities and scope == "full":
+            # Named partitions have no "whole storage" to read: the target partition is it.
+            if request.backup_scope == "full":
+                raise UsageError(
+                    "a device of named partitions is backed up partition by partition; "
+                    "--backup-scope full is not possible",
+                    hint="use --backup-scope target (the partition written), or "
+                    "'unbrick backup URI --region NAME' for other partitions",
+                )
+            scope = "target"
+        source, no_backup = _backup_source(
+            dev,
+            scope,
+            slot,
+            link=f"{address.protocol} links",
+            profile=f"profile {profile.id}",
+        )
+        if source == "partition":
+            partition_size = cast(Partitions, dev).partition_size(target.region)
+            if not partition_size:
+                source = None
+                no_backup = f"the device does not say how large '{target.region}' is"
+        can_back_up = source is not None
         forced = dict(request.forced)
         ctx = checks.PreflightContext(
             identity=identity,
@@ -562,6 +582,8 @@ class Workbench:
         steps += ["reboot", "validate", "commit"]
         storage = identity.storage.size_bytes if identity.storage else target.size
         backup_bytes = {"full": storage, "target": target.size}.get(scope, 0)
+        if partition_size is not None:
+            backup_bytes = partition_size
         # Rough: loopback links move ~20 MB/s; boots take seconds. Refined by measured rates.
         estimate = (backup_bytes * 2 + target.size * 2) / 20e6 + profile.boot.timeout_s / 10
         return Plan(
@@ -716,12 +738,18 @@ class Workbench:
                 state = self._move(job_id, state, JobState.BACKUP)
                 with self._step(job_id, "enter-recovery"):
                     self._enter_recovery(dev, plan)
-                if Capability.READ not in dev.capabilities:
-                    self._skip(job_id, "backup", "this link cannot read the device back")
+                source, reason = _backup_source(
+                    dev,
+                    str(opts.get("backup_scope", "full")),
+                    plan.slot,
+                    link="this link",
+                    profile="the profile",
+                )
+                if source is None:
+                    self._skip(job_id, "backup", reason)
                     p_backup.finish()
-                elif opts.get("backup_scope") == "none":
-                    self._skip(job_id, "backup", "the profile takes no backup on this link")
-                    p_backup.finish()
+                elif source == "partition":
+                    backup_id = self._backup_partition(job_id, dev, plan, p_backup)
                 else:
                     backup_id = self._backup(job_id, dev, plan, p_backup, opts)
             else:
@@ -863,6 +891,28 @@ class Workbench:
         self.store.update_job(job_id, state=JobState.BACKUP.value, data={"backup_id": record.id})
         return record.id
 
+    def _backup_partition(self, job_id: str, dev: Device, plan: Plan, progress: Progress) -> str:
+        """Back up the target partition, whole, by name (``Capability.PARTITION_READ``)."""
+        name = plan.target.region
+        with self._step(job_id, "backup", scope="target", partition=name) as detail:
+            try:
+                record = backups.take_partition_backup(
+                    dev,
+                    [name],
+                    vault=self.vault,
+                    identity=plan.identity,
+                    progress=progress,
+                    sink=self.sink,
+                    job_id=job_id,
+                )
+            except (TransportError, DeviceError) as e:
+                raise _Cut(str(e)) from e
+            detail["backup_id"] = record.id
+            detail["bytes"] = record.size_bytes
+            detail["verified_by"] = record.meta.get("verified_by")
+        self.store.update_job(job_id, state=JobState.BACKUP.value, data={"backup_id": record.id})
+        return record.id
+
     def _write(
         self, job_id: str, dev: Device, plan: Plan, progress: Progress, start_at: int
     ) -> None:
@@ -919,6 +969,31 @@ class Workbench:
 
     def _verify(self, job_id: str, dev: Device, plan: Plan, progress: Progress) -> None:
         by = str(self.store.get_job(job_id).data.get("verified_by") or "")
+        if _reads_back_partition(dev, plan.image_format):
+            # The partition is read back (fetch) and compared with the image, after the
+            # link's own check.
+            with (
+                self._step(job_id, "verify", region=plan.target.region) as detail,
+                _open_image(plan.flash_path) as image,
+            ):
+                progress.total = float(image.size)
+                try:
+                    bad = partition_bad_ranges(
+                        cast(PartitionRead, dev), plan.target.region, image, progress=progress
+                    )
+                except (TransportError, DeviceError) as e:
+                    raise _Cut(str(e)) from e
+                detail["method"] = "read-back"
+                detail["link_check"] = by
+                if bad:
+                    names = ", ".join(f"0x{o:x}-0x{o + n - 1:x}" for o, n in bad)
+                    raise VerifyError(
+                        f"{plan.target.region}: {len(bad)} range(s) read back differently from "
+                        f"the image although the device accepted the write: {names}",
+                        ranges=bad,
+                    )
+            progress.finish()
+            return
         if by or not {Capability.READ, Capability.DEVICE_HASH} & dev.capabilities:
             # The link checked its whole-image write (or nothing can be read back or hashed):
             # its check is the verdict.
@@ -1005,7 +1080,10 @@ class Workbench:
                 else:
                     if backup_id is None:
                         raise JobError("no backup to roll back to")
-                    self._restore_region(job_id, dev, plan, backup_id)
+                    if backups.is_partition_backup(self.vault.get(backup_id).meta):
+                        self._restore_partition(job_id, dev, plan, backup_id)
+                    else:
+                        self._restore_region(job_id, dev, plan, backup_id)
                     detail["restored_from"] = backup_id
                 report = cast(Reboot, dev).reboot(plan.profile.boot.timeout_s)
                 detail.update(
@@ -1040,6 +1118,34 @@ class Workbench:
             dev, Target(plan.target.region, plan.target.offset, span, eb), backup_id
         )
 
+    def _restore_partition(self, job_id: str, dev: Device, plan: Plan, backup_id: str) -> None:
+        """Write the backed-up partition back whole through the link (``IMAGE_WRITE``), then
+        read it back and compare it with the backup."""
+        name = plan.target.region
+        self._enter_recovery(dev, plan)
+        self._check_same_device(job_id, dev, plan.identity)
+        data = self.workdir / f"restore-{backup_id[:16]}-{name}.img"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            try:
+                with open(data, "wb") as f:
+                    for piece in backups.iter_region_data(self.vault, backup_id, name):
+                        f.write(piece)
+            except OSError as e:
+                raise SourceError(f"{data}: cannot write the backup out: {e.strerror}") from e
+            size = data.stat().st_size
+            cast(ImageWrite, dev).write_image(WriteTarget(name, 0, size), data)
+            with _open_image(data) as image:
+                bad = partition_bad_ranges(cast(PartitionRead, dev), name, image)
+            if bad:
+                names = ", ".join(f"0x{o:x}-0x{o + n - 1:x}" for o, n in bad)
+                raise VerifyError(
+                    f"'{name}' does not read back as the backup after the restore: {names}",
+                    ranges=bad,
+                )
+        finally:
+            data.unlink(missing_ok=True)
+
     # ---------------------------------------------------------------- backup and restore
 
     def backup(
@@ -1050,14 +1156,24 @@ class Workbench:
         operator: str = "",
         progress: Progress | None = None,
     ) -> JobResult:
-        """Read (all or the named regions of) the device into the vault, verified."""
+        """Read (all or the named regions of) the device into the vault, verified.
+
+        On a device of named partitions that can read them back (fastboot with ``fetch``),
+        ``regions`` are partition names, each backed up whole.
+        """
         address = parse_device_uri(uri)
         job_id = new_job_id()
         with self._device(address) as dev:
             identity = _identify(dev, address)
             profile = self._match_profile(identity, None, required=False)
             chosen: list[Region] | None = None
-            if regions:
+            by_name = {Capability.PARTITIONS, Capability.PARTITION_READ} <= dev.capabilities
+            if by_name and not regions:
+                raise UsageError(
+                    "a device of named partitions is backed up partition by partition",
+                    hint="name them with --region NAME (repeatable)",
+                )
+            if regions and not by_name:
                 if profile is None:
                     raise UsageError(
                         "regions need a profile for this device",
@@ -1087,15 +1203,26 @@ class Workbench:
                     with self._step(job_id, "enter-recovery"), contextlib.suppress(TransportError):
                         self._enter_recovery_profile(dev, profile)
                 with self._step(job_id, "backup", regions=regions or "all") as detail:
-                    record = backups.take_backup(
-                        dev,
-                        chosen,
-                        vault=self.vault,
-                        identity=identity,
-                        progress=root,
-                        sink=self.sink,
-                        job_id=job_id,
-                    )
+                    if by_name:
+                        record = backups.take_partition_backup(
+                            dev,
+                            list(regions or ()),
+                            vault=self.vault,
+                            identity=identity,
+                            progress=root,
+                            sink=self.sink,
+                            job_id=job_id,
+                        )
+                    else:
+                        record = backups.take_backup(
+                            dev,
+                            chosen,
+                            vault=self.vault,
+                            identity=identity,
+                            progress=root,
+                            sink=self.sink,
+                            job_id=job_id,
+                        )
                     detail["backup_id"] = record.id
             except UnbrickError as e:
                 self._finish(job_id, JobState.FAILED, "failed", error=e.one_line())
@@ -1123,6 +1250,14 @@ class Workbench:
         address = self._address(uri, profile_id)
         full_id = self.vault.resolve(backup_id)
         record = self.vault.get(full_id)
+        if backups.is_partition_backup(record.meta):
+            names = ", ".join(r.name for r in backups.backup_regions(record))
+            raise UsageError(
+                f"backup {full_id[:12]} holds named partitions ({names}); restore "
+                "writes address ranges",
+                hint=f"write a partition back with 'unbrick backups export {full_id[:12]} -o "
+                "FILE' and 'unbrick flash URI FILE --partition NAME'",
+            )
         forced = dict(forced or {})
         job_id = new_job_id()
         with self._device(address) as dev:
@@ -1345,11 +1480,11 @@ class Workbench:
                 if image_ok and plan.flash_path != plan.image_path:
                     image_ok = plan.flash_path.is_file()
                 if (
-                    state is JobState.WRITE
+                    state in (JobState.WRITE, JobState.VERIFY)
                     and image_ok
                     and (Capability.READ not in dev.capabilities)
                 ):
-                    # The link writes whole images and cannot read: write it again.
+                    # The link writes whole images and cannot read addresses: write it again.
                     self._enter_recovery(dev, plan)
                     detail["continue_write_at"] = 0
                 elif state in (JobState.WRITE, JobState.VERIFY) and image_ok:
@@ -1495,6 +1630,9 @@ class Workbench:
         self.sink.emit(Event("step-end", name, job_id, data={**detail, "duration_s": duration}))
 
 
+_NO_PARTITION_READ = (
+    "the device cannot send its partitions back (a fastboot bootloader without 'fetch')"
+)
 _NO_RESET = (
     "this link cannot reset the device (a programmer, a card or a disk): power-cycle it or "
     "put the medium back, then check it with 'unbrick device probe'"
@@ -1551,6 +1689,41 @@ def _android_vars(identity: DeviceIdentity) -> dict[str, str]:
         out["hw-revision"] = identity.hw_revision
     out.update(identity.extra)
     return out
+
+
+def _backup_source(
+    dev: Device, scope: str, slot: str | None, *, link: str, profile: str
+) -> tuple[str | None, str]:
+    """How the backup before a write is read, or why none is taken (``link`` and ``profile``
+    name them in the reason): "storage" (address ranges, ``Capability.READ``), "partition"
+    (the target partition by name, ``Capability.PARTITION_READ``), or None."""
+    caps = dev.capabilities
+    if Capability.PARTITIONS in caps and Capability.READ not in caps:
+        if Capability.PARTITION_READ not in caps:
+            return None, _NO_PARTITION_READ
+        if slot is not None:
+            return None, "the other slot keeps what the device runs now and is the way back"
+    elif Capability.READ not in caps:
+        return None, f"{link} cannot read the device back"
+    if scope == "none":
+        return None, f"{profile} takes no backup on {link}"
+    if Capability.READ not in caps:
+        return "partition", ""
+    return "storage", ""
+
+
+def _reads_back_partition(dev: Device, image_format: str) -> bool:
+    """A partition written whole can be read back and compared with the image: the device
+    reads partitions and the image is what lands on them (not a sparse image the device
+    expands)."""
+    caps = dev.capabilities
+    direct: frozenset[str] = getattr(dev, "image_formats", frozenset())
+    return (
+        Capability.PARTITION_READ in caps
+        and Capability.PARTITIONS in caps
+        and Capability.READ not in caps
+        and image_format not in direct
+    )
 
 
 def _other_slot(profile: Profile, slot: str) -> str:

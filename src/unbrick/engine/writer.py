@@ -23,12 +23,15 @@ from unbrick.transports.base import (
     FlashErase,
     FlashRead,
     FlashWrite,
+    PartitionRead,
 )
 
 log = logging.getLogger(__name__)
 
 #: Size of one verification range (a failure names a range of at most this size).
 VERIFY_RANGE = 256 * 1024
+#: Bytes read back from a partition per request (whole verification ranges).
+PARTITION_READ_BYTES = 4 * VERIFY_RANGE
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,31 @@ def verify_range(
             ranges=[(target.offset + o, n) for o, n in bad],
         )
     return method
+
+
+def partition_bad_ranges(
+    device: PartitionRead,
+    partition: str,
+    image: ImageData,
+    *,
+    progress: Progress | None = None,
+) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges, relative to the start of ``partition``, whose content read
+    back from the device differs from the first ``image.size`` bytes of the image."""
+    bad = []
+    pos = 0
+    while pos < image.size:
+        n = min(PARTITION_READ_BYTES, image.size - pos)
+        got = device.read_partition(partition, pos, n)
+        want = image.read(pos, n)
+        for off in range(0, n, VERIFY_RANGE):
+            k = min(VERIFY_RANGE, n - off)
+            if got[off : off + k] != want[off : off + k]:
+                bad.append((pos + off, k))
+        if progress is not None:
+            progress.advance(n)
+        pos += n
+    return bad
 
 
 class _Shifted(ImageData):

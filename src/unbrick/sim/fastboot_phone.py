@@ -20,7 +20,7 @@ and ``set_active`` are refused while the bootloader is locked. The device never 
 After a reboot the device is away for ``reboot_offline_s`` (TCP connections are accepted and
 closed at once, UDP packets go unanswered), then back in fastboot mode (the boot is recorded in
 the state file). Faults (:class:`PhoneFaults`) make it vanish in the middle of a download, flash
-slowly or fail one partition.
+slowly, fail one partition, corrupt one flash silently, or lack ``fetch``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ class PhoneFaults:
     fail_partition: str | None = None
     #: No fetch command (older bootloaders): max-fetch-size is not answered.
     no_fetch: bool = False
+    #: The next flash of this partition answers OKAY but leaves one byte wrong (worn-out
+    #: storage that does not notice); fires once.
+    corrupt_partition: str | None = None
 
 
 @dataclass
@@ -417,7 +420,20 @@ class FastbootPhone:
                 time.sleep(min(self.faults.info_every_s, max(0.0, end - time.monotonic())))
         with self._lock:
             error = self._write_staged(target)
+            if not error and self.faults.corrupt_partition in (name, target):
+                self._corrupt(target)
         yield _fail(error) if error else _okay()
+
+    def _corrupt(self, target: str) -> None:
+        """Flip one byte in the middle of what was just written (the fault fires once)."""
+        self.faults = replace(self.faults, corrupt_partition=None)
+        at = min(self.staged, self.partitions()[target]) // 2
+        with self.partition_path(target).open("r+b") as f:
+            f.seek(at)
+            old = f.read(1) or b"\0"
+            f.seek(at)
+            f.write(bytes([old[0] ^ 0xFF]))
+        log.info("fastboot phone: flipped the byte at %d of '%s' (fault)", at, target)
 
     def _write_staged(self, target: str) -> str | None:
         size = self.partitions()[target]

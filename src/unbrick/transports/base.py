@@ -32,6 +32,8 @@ class Capability(enum.Enum):
     IMAGE_WRITE = "image-write"
     #: Storage is a set of named partitions the device locates itself (fastboot).
     PARTITIONS = "partitions"
+    #: Named partitions can be read back (fastboot ``fetch``): backups and read-back checks.
+    PARTITION_READ = "partition-read"
     #: Vendor ``oem`` commands, sent only from the profile's allow-list (fastboot).
     OEM = "oem"
 
@@ -134,6 +136,13 @@ class ImageWrite(Protocol):
 class Partitions(Protocol):
     def partition_size(self, name: str) -> int | None:
         """The size of a partition the device knows by name; None when it does not say."""
+        ...
+
+
+@runtime_checkable
+class PartitionRead(Protocol):
+    def read_partition(self, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of partition ``name`` from ``offset`` (inside the partition)."""
         ...
 
 

@@ -1,16 +1,20 @@
 """The fastboot driver as the flash workflow sees it: a device of named partitions that takes
-whole images (``Capability.PARTITIONS`` and ``Capability.IMAGE_WRITE``).
+whole images (``Capability.PARTITIONS`` and ``Capability.IMAGE_WRITE``) and vendor ``oem``
+commands from an allow-list (``Capability.OEM``).
 
-fastboot cannot read partitions back (except ``fetch`` on recent bootloaders, used by
-``FastbootDriver.read_partition`` directly), so the workflow takes no backup and verifies by
-the device's answer to ``flash`` (OKAY after it wrote and, for sparse images, checked every
-chunk). Partition sizes from ``getvar all`` (``partition-size:NAME``) go into the identity's
-``extra``, where the ``image.size`` pre-flight check finds them.
+A device that answers ``fetch`` (it reports ``max-fetch-size``: fastbootd of Android 12+, the
+simulator) also has ``Capability.PARTITION_READ``: the workflow backs up the partition it is
+about to write, checks the write by reading it back, and restores the backup when the check
+or the first boot fails. Without ``fetch`` nothing can be read back: the workflow takes no
+backup and verifies by the device's answer to ``flash`` (OKAY after it wrote and, for sparse
+images, checked every chunk). Partition sizes from ``getvar all`` (``partition-size:NAME``) go
+into the identity's ``extra``, where the ``image.size`` pre-flight check finds them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -40,11 +44,10 @@ class FastbootDevice:
     def __init__(self, driver: FastbootDriver) -> None:
         self.driver = driver
         self.address: DeviceAddress = driver.address
-        self.capabilities: frozenset[Capability] = driver.capabilities | {
-            Capability.IMAGE_WRITE,
-            Capability.PARTITIONS,
-            Capability.OEM,
-        }
+        caps = {Capability.IMAGE_WRITE, Capability.PARTITIONS, Capability.OEM}
+        if driver.can_read:
+            caps.add(Capability.PARTITION_READ)
+        self.capabilities: frozenset[Capability] = driver.capabilities | caps
         self.max_transfer = 1 << 20
         #: Formats written as they are: sparse images go in pieces of max-download-size.
         self.image_formats = frozenset({"android-sparse"})
@@ -70,6 +73,17 @@ class FastbootDevice:
             return self.driver.partition_size(name)
         except (PreflightError, DeviceError):
             return None
+
+    def read_partition(self, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of the partition from ``offset``, with ``fetch``."""
+        out = io.BytesIO()
+        got = self.driver.read_partition(name, out, offset=offset, size=size)
+        data = out.getvalue()
+        if got != size or len(data) != size:
+            raise DeviceError(
+                f"the device sent {len(data)} bytes of '{name}' for a {size}-byte read at {offset}"
+            )
+        return data
 
     def write_image(
         self,
