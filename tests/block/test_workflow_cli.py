@@ -148,3 +148,44 @@ def test_image_bmap_is_accepted_by_bmaptool(
         capture_output=True,
     )
     assert copy.read_bytes()[: len(data)] == data
+
+
+def test_several_targets_share_one_read_of_the_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three cards, one too small: it is refused untouched, and the compressed image is
+    decompressed once for the two others (one write_to_targets call with both)."""
+    need("zstd")
+    import unbrick.transports.block.group as group_mod
+
+    calls: list[list[str]] = []
+    real = group_mod.write_to_targets
+
+    def counting(img, targets, **kw):  # type: ignore[no-untyped-def]
+        calls.append(sorted(t.path for t in targets))
+        return real(img, targets, **kw)
+
+    monkeypatch.setattr(group_mod, "write_to_targets", counting)
+    raw = tmp_path / "os.img"
+    data = sparse_image(raw)
+    subprocess.run(["zstd", "-q", str(raw)], check=True)
+    a, b = target(tmp_path / "a.img"), target(tmp_path / "b.img")
+    small = target(tmp_path / "small.img", 4 * MiB)
+    before = small.read_bytes()
+    code, out = run(
+        capsys,
+        monkeypatch,
+        tmp_path / "h",
+        "flash",
+        f"block://{a}",
+        f"block://{small}",
+        f"block://{b}",
+        f"{raw}.zst",
+        "--yes",
+    )
+    assert code == 3, out
+    assert out.count("success: block://") == 1 + 1
+    assert f"failed: block://{small}" in out
+    assert calls == [sorted([str(a), str(b)])]
+    assert a.read_bytes()[: len(data)] == data and b.read_bytes()[: len(data)] == data
+    assert small.read_bytes() == before

@@ -16,6 +16,7 @@ from unbrick.errors import SourceError, UsageError
 from unbrick.model.profile_toml import ProfileSet, builtin_profile_sources, load_profile
 from unbrick.model.uri import DeviceAddress
 from unbrick.transports.base import Device
+from unbrick.transports.block.group import WriteGroup
 from unbrick.transports.registry import OpenOptions, open_device
 
 
@@ -60,16 +61,22 @@ def profile_set(p: WorkbenchPaths, profile: str | None) -> tuple[ProfileSet, str
 
 @contextmanager
 def workbench(
-    sink: EventSink, profile: str | None = None, forced: Mapping[str, str] | None = None
+    sink: EventSink,
+    profile: str | None = None,
+    forced: Mapping[str, str] | None = None,
+    block_group: WriteGroup | None = None,
 ) -> Iterator[tuple[Workbench, str | None]]:
-    """``forced``: overridable checks drivers make as they open (``block.removable``)."""
+    """``forced``: overridable checks drivers make as they open (``block.removable``);
+    ``block_group``: block targets of one command that share one read of the image."""
     p = paths()
     profiles, chosen = profile_set(p, profile)
     store = SQLiteStore(p.db_path)
     vault = BackupVault(p.vault_dir, p.key_file)
     sim_registry = os.environ.get("UNBRICK_SIM_DIR")
     options = OpenOptions(
-        sim_registry=Path(sim_registry) if sim_registry else None, forced=dict(forced or {})
+        sim_registry=Path(sim_registry) if sim_registry else None,
+        forced=dict(forced or {}),
+        block_group=block_group,
     )
 
     def opener(address: DeviceAddress) -> Device:

@@ -302,6 +302,9 @@ def _flash_many(
     from unbrick.cli.render import print_json, stdout_console
     from unbrick.engine.events import ListSink
     from unbrick.errors import UnbrickError
+    from unbrick.model.uri import parse_device_uri
+    from unbrick.transports.block.engine import group_key
+    from unbrick.transports.block.group import WriteGroup
 
     if any(not u.startswith("block:") for u in uris):
         raise UsageError("several targets at once are for block:// devices only")
@@ -309,7 +312,8 @@ def _flash_many(
         raise UsageError("a target is named twice")
     _confirm(f"Write {request.image.name} to {len(uris)} devices: {', '.join(uris)}?", yes, as_json)
     results: dict[str, dict[str, Any]] = {}
-
+    # The image is read (and decompressed) once and goes to every target that gets to write.
+    group = WriteGroup(len(uris))
     opening = threading.Lock()
     printing = threading.Lock()
 
@@ -336,12 +340,14 @@ def _flash_many(
             with contextlib.ExitStack() as stack:
                 with opening:  # one job database connection opens at a time
                     wb, chosen = stack.enter_context(
-                        workbench(TargetSink(uri), profile, dict(request.forced))
+                        workbench(TargetSink(uri), profile, dict(request.forced), group)
                     )
                 result = wb.flash(uri, _with_profile(request, chosen))
             results[uri] = {"outcome": result.outcome, "job": result.job_id, "exit": 0}
         except UnbrickError as e:
             results[uri] = {"outcome": "failed", "error": e.one_line(), "exit": e.exit_code}
+        finally:  # a job that never got to its write does not hold the others back
+            group.leave(group_key(parse_device_uri(uri)))
 
     threads = [threading.Thread(target=one, args=(u,), name=f"flash {u}") for u in uris]
     for t in threads:

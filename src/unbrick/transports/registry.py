@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unbrick.errors import UsageError
 from unbrick.model.uri import DeviceAddress
 from unbrick.transports.base import Device
+
+if TYPE_CHECKING:
+    from unbrick.transports.block.group import WriteGroup
 
 #: Protocols whose drivers ship in this release.
 AVAILABLE = ("sim", "uboot", "fastboot", "flashrom", "block", "esp")
@@ -22,6 +26,8 @@ class OpenOptions:
     timeout_s: float = 10.0
     #: Overridable checks a driver makes when it opens (``block.removable``) -> the reason.
     forced: Mapping[str, str] = field(default_factory=dict)
+    #: Block devices of one command that take the same image: it is read once for all.
+    block_group: WriteGroup | None = None
 
 
 def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> Device:
@@ -50,7 +56,7 @@ def open_device(address: DeviceAddress, options: OpenOptions | None = None) -> D
     if address.protocol == "block":
         from unbrick.transports.block.engine import open_block_device  # noqa: PLC0415
 
-        return open_block_device(address, forced=opts.forced)
+        return open_block_device(address, forced=opts.forced, group=opts.block_group)
     raise UsageError(
         f"no driver for {address.scheme}:// devices in this version of unbrick",
         hint=f"available: {', '.join(p + '://' for p in AVAILABLE)}",

@@ -10,6 +10,7 @@ one named with ``--bmap`` (``bmap=`` in the device URI), is used.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from unbrick.model.identity import DeviceIdentity
 from unbrick.model.uri import DeviceAddress
 from unbrick.transports.base import Capability, ImageWriteResult, WriteTarget
 from unbrick.transports.block.driver import BlockDriver, open_block
+from unbrick.transports.block.group import WriteGroup
 from unbrick.transports.block.writer import WriteProgress
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,12 @@ STREAMED_FORMATS = frozenset({"gzip", "xz", "zstd", "bzip2", "zip", "android-spa
 class BlockDevice:
     """Wraps :class:`BlockDriver` for :class:`unbrick.engine.workflow.Workbench`."""
 
-    def __init__(self, driver: BlockDriver, *, bmap: str | None = None) -> None:
+    def __init__(
+        self, driver: BlockDriver, *, bmap: str | None = None, group: WriteGroup | None = None
+    ) -> None:
         self.driver = driver
+        #: Set when the same image goes to several targets at once (read once for all).
+        self.group = group
         self.address: DeviceAddress = driver.address
         self.capabilities: frozenset[Capability] = driver.capabilities | {Capability.IMAGE_WRITE}
         self.max_transfer = driver.max_transfer
@@ -69,7 +75,16 @@ class BlockDevice:
             if progress is not None and p.phase in ("write", "verify"):
                 progress(p.done_bytes)
 
-        result = self.driver.write_image(image, bmap=self.bmap or "auto", progress=report)
+        if self.group is not None:
+            result = self.group.write(
+                group_key(self.address),
+                self.driver.target,
+                image,
+                bmap=self.bmap or "auto",
+                progress=report,
+            )
+        else:
+            result = self.driver.write_image(image, bmap=self.bmap or "auto", progress=report)
         how = {
             "o-direct": "read-back (O_DIRECT)",
             "direct": "read-back (O_DIRECT)",
@@ -87,14 +102,25 @@ class BlockDevice:
         )
 
     def close(self) -> None:
+        if self.group is not None:  # closed without writing: the others need not wait
+            self.group.leave(group_key(self.address))
         self.driver.close()
 
 
+def group_key(address: DeviceAddress) -> str:
+    """How a ``block://`` device is named in a :class:`WriteGroup` (its resolved path)."""
+    return os.path.realpath(address.path or address.uri)
+
+
 def open_block_device(
-    address: DeviceAddress, *, forced: Mapping[str, str] | None = None
+    address: DeviceAddress,
+    *,
+    forced: Mapping[str, str] | None = None,
+    group: WriteGroup | None = None,
 ) -> BlockDevice:
-    """Open ``block:///PATH[?bmap=FILE]`` for the flash workflow."""
-    return BlockDevice(open_block(address, forced=forced), bmap=address.param("bmap"))
+    """Open ``block:///PATH[?bmap=FILE]`` for the flash workflow; with ``group``, its image
+    write joins the other targets of the same command."""
+    return BlockDevice(open_block(address, forced=forced), bmap=address.param("bmap"), group=group)
 
 
-__all__ = ["STREAMED_FORMATS", "BlockDevice", "open_block_device"]
+__all__ = ["STREAMED_FORMATS", "BlockDevice", "group_key", "open_block_device"]
