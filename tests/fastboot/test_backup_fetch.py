@@ -188,10 +188,30 @@ def test_backup_command_reads_named_partitions(
     assert out_file.read_bytes() == misc + userdata
     backup_id = re.search(r"backup ([0-9a-f]{12})", out)
     assert backup_id, out
-    # Such a backup is not an address range: restore says how to write a partition back.
+    # Another phone does not take this one's partitions: refused, nothing written.
+    other = serve(product="other-phone", name="other")
+    theirs = fill(other, "misc", 11)
+    code, out = run(capsys, monkeypatch, home, "restore", other.url(), backup_id.group(1), "--yes")
+    assert code == 3 and "backup.device" in out, out
+    assert other.part("misc") == theirs and other.phone.received.get("flash", 0) == 0
+    # restore writes back, whole, only the partitions that changed since, and reads them back.
+    (served.dir / "misc.img").write_bytes(bytes(len(misc)))
+    flashes = served.phone.received.get("flash", 0)
     code, out = run(capsys, monkeypatch, home, "restore", served.url(), backup_id.group(1), "--yes")
-    assert code == 2 and "holds named partitions (misc, userdata)" in out, out
-    assert "--partition NAME" in out
+    assert code == 0, out
+    assert served.part("misc") == misc and served.part("userdata") == userdata
+    assert served.phone.received.get("flash", 0) == flashes + 1  # misc only
+    # The state before the restore was kept: a second restore brings the zeros back.
+    before = re.search(r"backup_id=([0-9a-f]{12})", out) or re.search(r"backup ([0-9a-f]{12})", out)
+    assert before and before.group(1) != backup_id.group(1), out
+    code, out = run(capsys, monkeypatch, home, "restore", served.url(), before.group(1), "--yes")
+    assert code == 0, out
+    assert served.part("misc") == bytes(len(misc))
+    # Nothing differs: nothing is written.
+    flashes = served.phone.received.get("flash", 0)
+    code, out = run(capsys, monkeypatch, home, "restore", served.url(), before.group(1), "--yes")
+    assert code == 0, out
+    assert served.phone.received.get("flash", 0) == flashes
     code, out = run(capsys, monkeypatch, home, "backup", served.url())
     assert code == 2 and "backed up partition by partition" in out and "--region NAME" in out
     img = image(tmp_path, 4096, 10)
@@ -209,4 +229,4 @@ def test_backup_command_reads_named_partitions(
         "--yes",
     )
     assert code == 2 and "--backup-scope full is not possible" in out, out
-    assert served.part("misc") == misc
+    assert served.part("misc") == bytes(len(misc))

@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -1250,15 +1251,17 @@ class Workbench:
         address = self._address(uri, profile_id)
         full_id = self.vault.resolve(backup_id)
         record = self.vault.get(full_id)
-        if backups.is_partition_backup(record.meta):
-            names = ", ".join(r.name for r in backups.backup_regions(record))
-            raise UsageError(
-                f"backup {full_id[:12]} holds named partitions ({names}); restore "
-                "writes address ranges",
-                hint=f"write a partition back with 'unbrick backups export {full_id[:12]} -o "
-                "FILE' and 'unbrick flash URI FILE --partition NAME'",
-            )
         forced = dict(forced or {})
+        if backups.is_partition_backup(record.meta):
+            return self._restore_partitions(
+                address,
+                uri,
+                full_id,
+                profile_id=profile_id,
+                forced=forced,
+                operator=operator,
+                progress=progress,
+            )
         job_id = new_job_id()
         with self._device(address) as dev:
             identity = _identify(dev, address)
@@ -1287,15 +1290,7 @@ class Workbench:
             )
             try:
                 with self._step(job_id, "preflight", backup=full_id) as detail:
-                    if not owner.same_device(identity) and "backup.device" not in forced:
-                        raise PreflightError(
-                            f"backup {full_id[:12]} is of {owner.model} serial {owner.serial}, "
-                            f"not of this {identity.model} serial {identity.serial}",
-                            check_id="backup.device",
-                            overridable=True,
-                            hint="restoring another unit's calibration data breaks radios; "
-                            "force only with --force backup.device --reason TEXT",
-                        )
+                    _refuse_other_unit(full_id, owner, identity, forced)
                     self._enter_recovery_profile(dev, profile)
                     changed = self._changed_regions(dev, profile, full_id, record.meta)
                     detail["regions"] = [r.name for r in changed]
@@ -1333,28 +1328,9 @@ class Workbench:
                         self._write_from_backup(dev, target, full_id)
                         detail["bytes"] = region.size
                 state = self._move(job_id, state, JobState.REBOOT)
-                report: BootReport | None = None
-                if Capability.REBOOT not in dev.capabilities:
-                    self._skip(job_id, "reboot", _NO_RESET)
-                    self._skip(job_id, "validate", _NO_RESET)
-                else:
-                    with self._step(job_id, "reboot") as detail:
-                        report = cast(Reboot, dev).reboot(profile.boot.timeout_s)
-                        detail.update(state=report.state, firmware_version=report.firmware_version)
-                    for line in report.log.splitlines()[-40:]:
-                        self.store.add_event(
-                            job_id, Event("log", "console", job_id, data={"line": line})
-                        )
-                    state = self._move(job_id, state, JobState.VALIDATE)
-                    with self._step(job_id, "validate") as detail:
-                        problems = boot_problems(profile, report, owner.firmware_version, None)
-                        detail["problems"] = problems
-                        if problems:
-                            raise DeviceError(
-                                "the restored device does not boot: " + "; ".join(problems),
-                                hint="the backup may hold a broken firmware; "
-                                "flash a known-good image instead",
-                            )
+                state, report = self._restored_boot(
+                    job_id, dev, state, profile, owner.firmware_version, skip=""
+                )
             except UnbrickError as e:
                 self._finish(job_id, JobState.FAILED, "failed", error=e.one_line())
                 raise
@@ -1370,6 +1346,180 @@ class Workbench:
                 full_id,
                 {"regions": [r.name for r in changed]},
             )
+
+    def _restore_partitions(
+        self,
+        address: DeviceAddress,
+        uri: str,
+        backup_id: str,
+        *,
+        profile_id: str | None,
+        forced: Mapping[str, str],
+        operator: str,
+        progress: Progress | None,
+    ) -> JobResult:
+        """Restore a backup of named partitions (fastboot ``fetch``): each partition whose
+        content differs is backed up as it is now, written back whole through the link, and
+        read back; then the device reboots and its boot is checked."""
+        record = self.vault.get(backup_id)
+        held = [r.name for r in backups.backup_regions(record)]
+        job_id = new_job_id()
+        with self._device(address) as dev:
+            need = {Capability.PARTITIONS, Capability.PARTITION_READ, Capability.IMAGE_WRITE}
+            if not need <= dev.capabilities:
+                raise UsageError(
+                    f"backup {backup_id[:12]} holds named partitions ({', '.join(held)}); "
+                    f"{uri} cannot write and read partitions by name",
+                    hint="restore it to the device it came from, in fastboot mode",
+                )
+            identity = _identify(dev, address)
+            profile = self._match_profile(identity, profile_id, required=False)
+            owner = DeviceIdentity.from_dict(record.meta["device_identity"])
+            self.store.create_job(
+                self._job_record(
+                    job_id,
+                    "restore",
+                    uri,
+                    identity,
+                    operator,
+                    options={
+                        "backup_id": backup_id,
+                        "forced": dict(forced),
+                        "partitions": held,
+                        "profile": profile.id if profile else None,
+                    },
+                )
+            )
+            state = self._move(job_id, JobState.PLANNED, JobState.PREFLIGHT)
+            root = progress or Progress("restore")
+            root.on_change = root.on_change or (
+                lambda node: self.sink.emit(progress_event(node, job_id))
+            )
+            parts = cast(Partitions, dev)
+            reader = cast(PartitionRead, dev)
+            workdir = self.workdir / f"restore-{backup_id[:16]}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                with self._step(job_id, "preflight", backup=backup_id) as detail:
+                    _refuse_other_unit(backup_id, owner, identity, forced)
+                    files: dict[str, Path] = {}
+                    changed: list[str] = []
+                    for name in held:
+                        size = parts.partition_size(name)
+                        path = workdir / f"{name}.img"
+                        with open(path, "wb") as f:
+                            for piece in backups.iter_region_data(self.vault, backup_id, name):
+                                f.write(piece)
+                        files[name] = path
+                        if size is None or size < path.stat().st_size:
+                            raise PreflightError(
+                                f"the device has no partition '{name}' as large as the "
+                                f"backup's ({path.stat().st_size} bytes)",
+                                check_id="image.size",
+                                hint="restore it to the device it came from",
+                            )
+                        with _open_image(path) as image:
+                            if partition_bad_ranges(reader, name, image):
+                                changed.append(name)
+                    detail["partitions"] = changed
+            except PreflightError as e:
+                self._finish(job_id, JobState.REFUSED, "refused", refusal=e.one_line())
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            try:
+                state = self._move(job_id, state, JobState.BACKUP)
+                if changed:
+                    with self._step(job_id, "backup-current-state") as detail:
+                        before = backups.take_partition_backup(
+                            dev,
+                            changed,
+                            vault=self.vault,
+                            identity=identity,
+                            progress=root.child("backup", total=1.0),
+                            sink=self.sink,
+                            job_id=job_id,
+                        )
+                        detail["backup_id"] = before.id
+                    self.store.update_job(job_id, state=state.value, data={"backup_id": before.id})
+                else:
+                    self._skip(job_id, "backup-current-state", "every partition is as backed up")
+                state = self._move(job_id, state, JobState.WRITE)
+                for name in changed:
+                    self._check_same_device(job_id, dev, identity)
+                    path = files[name]
+                    size = path.stat().st_size
+                    with self._step(job_id, "write", region=name) as detail:
+                        result = cast(ImageWrite, dev).write_image(WriteTarget(name, 0, size), path)
+                        detail["bytes"] = result.bytes_written
+                    with (
+                        self._step(job_id, "verify", region=name) as detail,
+                        _open_image(path) as image,
+                    ):
+                        bad = partition_bad_ranges(reader, name, image)
+                        detail["method"] = "read-back"
+                        if bad:
+                            where = ", ".join(f"0x{o:x}-0x{o + n - 1:x}" for o, n in bad)
+                            raise VerifyError(
+                                f"'{name}' does not read back as the backup: {where}",
+                                ranges=bad,
+                            )
+                state = self._move(job_id, state, JobState.REBOOT)
+                state, report = self._restored_boot(
+                    job_id,
+                    dev,
+                    state,
+                    profile,
+                    owner.firmware_version,
+                    skip="" if changed else "nothing was written",
+                )
+            except UnbrickError as e:
+                self._finish(job_id, JobState.FAILED, "failed", error=e.one_line())
+                raise
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            state = self._move(job_id, state, JobState.COMMIT)
+            self._move(job_id, state, JobState.DONE)
+            self._finish(job_id, JobState.DONE, "success")
+            root.finish()
+            return JobResult(
+                job_id, JobState.DONE, "success", report, backup_id, {"regions": changed}
+            )
+
+    def _restored_boot(
+        self,
+        job_id: str,
+        dev: Device,
+        state: JobState,
+        profile: Profile | None,
+        old_version: str | None,
+        *,
+        skip: str,
+    ) -> tuple[JobState, BootReport | None]:
+        """Reboot a restored device and check its boot (skipped, with ``skip`` or when the
+        link cannot reset it); the job's state after, and the boot report."""
+        why = skip or ("" if Capability.REBOOT in dev.capabilities else _NO_RESET)
+        if why:
+            self._skip(job_id, "reboot", why)
+            self._skip(job_id, "validate", why)
+            return state, None
+        with self._step(job_id, "reboot") as detail:
+            report = cast(Reboot, dev).reboot(profile.boot.timeout_s if profile else 60.0)
+            detail.update(state=report.state, firmware_version=report.firmware_version)
+        for line in report.log.splitlines()[-40:]:
+            self.store.add_event(job_id, Event("log", "console", job_id, data={"line": line}))
+        state = self._move(job_id, state, JobState.VALIDATE)
+        with self._step(job_id, "validate") as detail:
+            if profile is not None:
+                problems = boot_problems(profile, report, old_version, None)
+            else:
+                problems = ["the device did not answer"] if report.state == "dead" else []
+            detail["problems"] = problems
+            if problems:
+                raise DeviceError(
+                    "the restored device does not boot: " + "; ".join(problems),
+                    hint="the backup may hold a broken firmware; flash a known-good image instead",
+                )
+        return state, report
 
     def _changed_regions(
         self, dev: Device, profile: Profile, backup_id: str, meta: Mapping[str, Any]
@@ -1689,6 +1839,22 @@ def _android_vars(identity: DeviceIdentity) -> dict[str, str]:
         out["hw-revision"] = identity.hw_revision
     out.update(identity.extra)
     return out
+
+
+def _refuse_other_unit(
+    backup_id: str, owner: DeviceIdentity, identity: DeviceIdentity, forced: Mapping[str, str]
+) -> None:
+    """PreflightError ``backup.device`` when the backup is of another unit (unless forced)."""
+    if owner.same_device(identity) or "backup.device" in forced:
+        return
+    raise PreflightError(
+        f"backup {backup_id[:12]} is of {owner.model} serial {owner.serial}, not of this "
+        f"{identity.model} serial {identity.serial}",
+        check_id="backup.device",
+        overridable=True,
+        hint="restoring another unit's calibration data breaks radios; "
+        "force only with --force backup.device --reason TEXT",
+    )
 
 
 def _backup_source(
