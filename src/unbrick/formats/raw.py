@@ -9,6 +9,8 @@ from unbrick.formats.base import CHUNK, Context, Findings, FormatSpec, Source
 
 _ZERO = bytes(CHUNK)
 _FF = b"\xff" * CHUNK
+#: Chunks sampled for the entropy estimate.
+_SAMPLES = 256
 
 
 def _entropy(counts: list[int], total: int) -> float:
@@ -27,16 +29,19 @@ def inspect(src: Source, ctx: Context) -> Findings:
     counts = [0] * 256
     all_ff = True
     all_00 = True
-    for data in src.chunks():
+    # Entropy from 4 KiB samples of at most _SAMPLES chunks spread over the image keeps this
+    # pass at the speed of reading.
+    every = max(1, -(-src.size // CHUNK) // _SAMPLES)
+    for i, data in enumerate(src.chunks()):
         ctx.check_time()
         n = len(data)
         if all_ff:
             all_ff = data == (_FF if n == CHUNK else b"\xff" * n)
         if all_00:
             all_00 = data == (_ZERO if n == CHUNK else bytes(n))
-        # Entropy from a sample of every chunk keeps this pass near hashing speed.
-        for value, c in Counter(data[:4096]).items():
-            counts[value] += c
+        if i % every == 0:
+            for value, c in Counter(data[:4096]).items():
+                counts[value] += c
     sampled = sum(counts)
     ent = _entropy(counts, sampled)
     f.details["entropy_bits_per_byte"] = round(ent, 3)
