@@ -154,7 +154,8 @@ def test_several_targets_share_one_read_of_the_image(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three cards, one too small: it is refused untouched, and the compressed image is
-    decompressed once for the two others (one write_to_targets call with both)."""
+    checked once for the three jobs and decompressed once for the two others (one
+    write_to_targets call with both)."""
     need("zstd")
     import unbrick.transports.block.group as group_mod
 
@@ -166,6 +167,16 @@ def test_several_targets_share_one_read_of_the_image(
         return real(img, targets, **kw)
 
     monkeypatch.setattr(group_mod, "write_to_targets", counting)
+    import unbrick.ops.images as images_mod
+
+    inspected: list[str] = []
+    real_inspect = images_mod.inspect_path
+
+    def inspect_counting(path, **kw):  # type: ignore[no-untyped-def]
+        inspected.append(str(path))
+        return real_inspect(path, **kw)
+
+    monkeypatch.setattr(images_mod, "inspect_path", inspect_counting)
     raw = tmp_path / "os.img"
     data = sparse_image(raw)
     subprocess.run(["zstd", "-q", str(raw)], check=True)
@@ -187,5 +198,6 @@ def test_several_targets_share_one_read_of_the_image(
     assert out.count("success: block://") == 1 + 1
     assert f"failed: block://{small}" in out
     assert calls == [sorted([str(a), str(b)])]
+    assert inspected == [f"{raw}.zst"]  # decompressed and hashed once for the three jobs
     assert a.read_bytes()[: len(data)] == data and b.read_bytes()[: len(data)] == data
     assert small.read_bytes() == before

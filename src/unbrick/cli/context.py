@@ -15,6 +15,7 @@ from unbrick.engine.workflow import Workbench
 from unbrick.errors import SourceError, UsageError
 from unbrick.model.profile_toml import ProfileSet, builtin_profile_sources, load_profile
 from unbrick.model.uri import DeviceAddress
+from unbrick.ops.images import ReportCache
 from unbrick.transports.base import Device
 from unbrick.transports.block.group import WriteGroup
 from unbrick.transports.registry import OpenOptions, open_device
@@ -65,9 +66,11 @@ def workbench(
     profile: str | None = None,
     forced: Mapping[str, str] | None = None,
     block_group: WriteGroup | None = None,
+    image_reports: ReportCache | None = None,
 ) -> Iterator[tuple[Workbench, str | None]]:
     """``forced``: overridable checks drivers make as they open (``block.removable``);
-    ``block_group``: block targets of one command that share one read of the image."""
+    ``block_group``: block targets of one command that share one read of the image;
+    ``image_reports``: the image checks shared by the jobs of one command."""
     p = paths()
     profiles, chosen = profile_set(p, profile)
     store = SQLiteStore(p.db_path)
@@ -89,6 +92,7 @@ def workbench(
         open_device=opener,
         sink=sink,
         workdir=p.state_dir / "work",
+        image_reports=image_reports,
     )
     try:
         yield wb, chosen

@@ -303,6 +303,7 @@ def _flash_many(
     from unbrick.engine.events import ListSink
     from unbrick.errors import UnbrickError
     from unbrick.model.uri import parse_device_uri
+    from unbrick.ops.images import ReportCache
     from unbrick.transports.block.engine import group_key
     from unbrick.transports.block.group import WriteGroup
 
@@ -314,6 +315,7 @@ def _flash_many(
     results: dict[str, dict[str, Any]] = {}
     # The image is read (and decompressed) once and goes to every target that gets to write.
     group = WriteGroup(len(uris))
+    reports = ReportCache()  # and it is checked (hashed, decompressed) once for all the jobs
     opening = threading.Lock()
     printing = threading.Lock()
 
@@ -340,7 +342,7 @@ def _flash_many(
             with contextlib.ExitStack() as stack:
                 with opening:  # one job database connection opens at a time
                     wb, chosen = stack.enter_context(
-                        workbench(TargetSink(uri), profile, dict(request.forced), group)
+                        workbench(TargetSink(uri), profile, dict(request.forced), group, reports)
                     )
                 result = wb.flash(uri, _with_profile(request, chosen))
             results[uri] = {"outcome": result.outcome, "job": result.job_id, "exit": 0}

@@ -52,7 +52,14 @@ from unbrick.model.manifest import Manifest, parse_android_info, parse_manifest
 from unbrick.model.profile import Profile, Region
 from unbrick.model.profile_toml import ProfileSet
 from unbrick.model.uri import DeviceAddress, parse_device_uri
-from unbrick.ops.images import TO_RAW, RawOptions, convert_path, inspect_path
+from unbrick.ops.images import (
+    TO_RAW,
+    ImageReport,
+    RawOptions,
+    ReportCache,
+    convert_path,
+    inspect_path,
+)
 from unbrick.safety import checks
 from unbrick.transports.base import (
     BootControl,
@@ -239,6 +246,7 @@ class Workbench:
         workdir: Path,
         cancel: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        image_reports: ReportCache | None = None,
     ) -> None:
         self.store = store
         self.vault = vault
@@ -248,6 +256,8 @@ class Workbench:
         self.workdir = workdir
         self.cancel = cancel or threading.Event()
         self.clock = clock
+        #: Image reports shared with other workbenches of the same command (several targets).
+        self.image_reports = image_reports
 
     # ---------------------------------------------------------------- probing and planning
 
@@ -481,7 +491,7 @@ class Workbench:
         image = request.image
         if not image.is_file():
             raise SourceError(f"{image}: no such image file")
-        report = inspect_path(image)
+        report = self._inspect(image)
         flash_path = image
         flash_size = report.size
         # Formats the link takes as they are (fastboot sends sparse images in pieces).
@@ -499,7 +509,7 @@ class Workbench:
                 convert_path(image, flash_path, "raw", raw_options=RawOptions())
             flash_size = flash_path.stat().st_size
         # What the checks judge is what goes on flash: the expanded content when there is one.
-        written = inspect_path(flash_path) if flash_path != image else report
+        written = self._inspect(flash_path) if flash_path != image else report
         manifest = self._manifest(request)
         android_info = None
         if request.android_info is not None:
@@ -1697,6 +1707,11 @@ class Workbench:
         )
 
     # ---------------------------------------------------------------- helpers
+
+    def _inspect(self, path: Path) -> ImageReport:
+        if self.image_reports is not None:
+            return self.image_reports.inspect(path)
+        return inspect_path(path)
 
     def _address(self, uri: str, profile_id: str | None) -> DeviceAddress:
         """The device address, with the named profile's defaults for its link (``[link.X]``)

@@ -150,6 +150,44 @@ def inspect_path(
         )
 
 
+class ReportCache:
+    """Image reports shared by the jobs of one command: each image is inspected (hashed,
+    decompressed to be checked) once however many targets take it.
+
+    An entry is known by the file's path, device, inode, size and change times, so an image
+    changed meanwhile is inspected again. Thread-safe: a caller asking for an image another is
+    inspecting waits for that report.
+    """
+
+    def __init__(self, *, limits: Limits | None = None) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[object, ...], _CacheEntry] = {}
+        #: Images inspected (not found in the cache).
+        self.inspected = 0
+
+    def inspect(self, path: Path) -> ImageReport:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return inspect_path(path, limits=self.limits)  # says what is wrong with it
+        key: tuple[object, ...] = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size)
+        key += (st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            entry = self._entries.setdefault(key, _CacheEntry(threading.Lock()))
+        with entry.lock:
+            if entry.report is None:
+                entry.report = inspect_path(path, limits=self.limits)
+                self.inspected += 1
+            return entry.report
+
+
+@dataclass
+class _CacheEntry:
+    lock: threading.Lock
+    report: ImageReport | None = None
+
+
 class _Background:
     """``fn()`` run on a thread; :meth:`result` waits and returns (or raises) its outcome."""
 
