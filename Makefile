@@ -44,9 +44,9 @@ bench: setup deps
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/tftp_bench.py --no-sweep
 	$(BIN)/python bench/xymodem_bench.py --sizes 256K --repeat 3
-	$(BIN)/python bench/flashrom_bench.py --repeat 3
-	$(BIN)/python bench/fastboot_bench.py --repeat 3
-	$(BIN)/python bench/block_bench.py --repeat 3
+	$(BIN)/python bench/flashrom_bench.py --repeat 7
+	$(BIN)/python bench/fastboot_bench.py --repeat 9
+	$(BIN)/python bench/block_bench.py --repeat 5
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
