@@ -28,15 +28,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from unbrick.errors import KeyFileError, SignatureError, SourceError, UsageError
 from unbrick.tools import Tool
 from unbrick.trust import SignatureResult
+
+if TYPE_CHECKING:  # x509 loads only when a CMS signature is checked (it is slow to import)
+    from cryptography import x509
 
 OPENSSL = Tool("openssl", "openssl")
 
@@ -48,13 +50,14 @@ MAX_SIGNATURE_BYTES = 16 << 20
 _SIGNED_DATA_OID = bytes.fromhex("06092a864886f70d010702")
 _PEM_HEADERS = (b"-----BEGIN PKCS7-----", b"-----BEGIN CMS-----")
 
+#: Extended key usages by OID (RFC 5280, 4.2.1.12).
 _EKU_NAMES = {
-    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
-    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
-    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
-    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+    "1.3.6.1.5.5.7.3.3": "codeSigning",
+    "1.3.6.1.5.5.7.3.4": "emailProtection",
+    "1.3.6.1.5.5.7.3.1": "serverAuth",
+    "1.3.6.1.5.5.7.3.2": "clientAuth",
+    "1.3.6.1.5.5.7.3.8": "timeStamping",
+    "2.5.29.37.0": "anyExtendedKeyUsage",
 }
 
 # Substrings of OpenSSL's verify errors -> what to tell the user.
@@ -98,6 +101,8 @@ def _signature_form(signature: Path) -> str:
 
 def load_ca(path: Path) -> list[x509.Certificate]:
     """The certificates of a CA file (PEM with one or more, or one DER); KeyFileError if none."""
+    from cryptography import x509  # noqa: PLC0415 - slow to import; only for CMS
+
     hint = "give the CA certificate (PEM or DER) that the device trusts"
     try:
         with open(path, "rb") as f:
@@ -126,11 +131,13 @@ def load_ca(path: Path) -> list[x509.Certificate]:
 
 
 def _eku(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509  # noqa: PLC0415 - slow to import; only for CMS
+
     try:
         ext = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
     except x509.ExtensionNotFound:
         return []
-    return [_EKU_NAMES.get(oid, oid.dotted_string) for oid in ext.value]
+    return [_EKU_NAMES.get(oid.dotted_string, oid.dotted_string) for oid in ext.value]
 
 
 def _weak_hash(cert: x509.Certificate) -> bool:
@@ -164,6 +171,8 @@ def verify_detached(
     SignatureError when it does not verify; KeyFileError for an unusable CA file; SourceError
     for unreadable files; ToolError when openssl is missing or hangs.
     """
+    from cryptography import x509  # noqa: PLC0415 - slow to import; only for CMS
+
     if purpose not in PURPOSES:
         raise UsageError(
             f"unknown certificate purpose '{purpose}'", hint="use any, smimesign or codesign"
