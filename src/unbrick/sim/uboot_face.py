@@ -1790,67 +1790,45 @@ class _TftpClient:
         text = packet[4:].split(b"\0", 1)[0].decode("utf-8", "replace")
         self.face._say(f"\nTFTP error: '{text}' ({code})\nNot retrying...\n")
 
+    def _done(self, total: int, started: float) -> int:
+        rate = size_text(int(total / max(time.monotonic() - started, 1e-6)))
+        self.face._say(f"\n\t {rate}/s\ndone\nBytes transferred = {total} ({total:x} hex)\n")
+        return total
+
     def _send(
         self, sock: socket.socket, dest: tuple[object, ...], name: str, data: bytes
     ) -> int | None:
         """U-Boot's put: WRQ with timeout and blksize options; then one block at a time, each
         sent again after a timeout, until the short (possibly empty) last block is ACKed."""
-        say = self.face._say
         timeout_opt = max(1, int(self.timeout_s))
         options = (
             b"timeout\0" + str(timeout_opt).encode() + b"\0"
             + b"blksize\0" + str(self.blksize).encode() + b"\0"
         )  # fmt: skip
-        last = struct.pack(">H", 2) + name.encode() + b"\0octet\0" + options
-        sock.sendto(last, dest)
-        peer: tuple[object, ...] | None = None
+        wire = _Wire(
+            self, sock, dest, struct.pack(">H", 2) + name.encode() + b"\0octet\0" + options
+        )
         blksize = 512
         block = 0  # the block whose ACK we wait for (0: the WRQ's)
-        timeouts = 0
         started = time.monotonic()
-        while True:
-            if self.face._boot_changed():
-                raise _BootChanged
-            ready, _, _ = select.select([sock], [], [], self.timeout_s)
-            if not ready:
-                timeouts += 1
-                if timeouts > self.retries:
-                    say("\nRetry count exceeded; starting again\n")
-                    return None
-                say("T ")
-                sock.sendto(last, peer or dest)
-                continue
-            try:
-                packet, source = sock.recvfrom(65536 + 4)
-            except OSError as e:
-                say(f"\nTFTP error: {e.strerror or e}\n")
-                return None
-            if peer is None:
-                peer = source
-            elif source != peer:
-                continue
+        while (packet := wire.receive()) is not None:
             op = int.from_bytes(packet[:2], "big")
             if op == 5:
                 self._error(packet)
                 return None
             if op == 6 and block == 0:
-                opts = packet[2:].split(b"\0")
-                pairs = dict(zip(opts[0::2], opts[1::2], strict=False))
-                blksize = _int(pairs.get(b"blksize", b"512").decode(), 512)
+                blksize = _option(packet, b"blksize", 512)
             elif op != 4 or len(packet) < 4 or int.from_bytes(packet[2:4], "big") != block & 0xFFFF:
                 continue  # a duplicate or stray ACK: wait for the one expected
-            timeouts = 0
+            wire.timeouts = 0
             pos = block * blksize
-            if block and len(last) - 4 < blksize:
-                elapsed = max(time.monotonic() - started, 1e-6)
-                rate = size_text(int(len(data) / elapsed))
-                say(f"\n\t {rate}/s\ndone\nBytes transferred = {len(data)} ({len(data):x} hex)\n")
-                return len(data)
+            if block and len(wire.last) - 4 < blksize:
+                return self._done(len(data), started)
             block += 1
             if (block - 1) % 10 == 0:
                 self._hash()
-            last = struct.pack(">HH", 3, block & 0xFFFF) + data[pos : pos + blksize]
-            sock.sendto(last, peer)
+            wire.send(struct.pack(">HH", 3, block & 0xFFFF) + data[pos : pos + blksize])
+        return None
 
     def _transfer(
         self, sock: socket.socket, dest: tuple[object, ...], name: str, address: int
@@ -1860,47 +1838,22 @@ class _TftpClient:
         options = b"blksize\0" + str(self.blksize).encode() + b"\0"
         if self.windowsize > 1:
             options += b"windowsize\0" + str(self.windowsize).encode() + b"\0"
-        last = struct.pack(">H", 1) + name.encode() + b"\0octet\0" + options
-        sock.sendto(last, dest)
-        peer: tuple[object, ...] | None = None
+        wire = _Wire(
+            self, sock, dest, struct.pack(">H", 1) + name.encode() + b"\0octet\0" + options
+        )
         blksize, window = 512, 1
-        expected, total, timeouts = 1, 0, 0
+        expected, total = 1, 0
         started = time.monotonic()
-        while True:
-            if self.face._boot_changed():
-                raise _BootChanged
-            ready, _, _ = select.select([sock], [], [], self.timeout_s)
-            if not ready:
-                timeouts += 1
-                if timeouts > self.retries:
-                    say("\nRetry count exceeded; starting again\n")
-                    return None
-                say("T ")
-                sock.sendto(last, peer or dest)
-                continue
-            try:
-                packet, source = sock.recvfrom(65536 + 4)
-            except OSError as e:
-                say(f"\nTFTP error: {e.strerror or e}\n")
-                return None
-            if peer is None:
-                peer = source
-            elif source != peer:
-                continue
-            timeouts = 0
+        while (packet := wire.receive()) is not None:
+            wire.timeouts = 0
             op = int.from_bytes(packet[:2], "big")
             if op == 5:
-                code = int.from_bytes(packet[2:4], "big")
-                text = packet[4:].split(b"\0", 1)[0].decode("utf-8", "replace")
-                say(f"\nTFTP error: '{text}' ({code})\nNot retrying...\n")
+                self._error(packet)
                 return None
             if op == 6:
-                opts = packet[2:].split(b"\0")
-                pairs = dict(zip(opts[0::2], opts[1::2], strict=False))
-                blksize = _int(pairs.get(b"blksize", b"512").decode(), 512)
-                window = _int(pairs.get(b"windowsize", b"1").decode(), 1)
-                last = struct.pack(">HH", 4, 0)
-                sock.sendto(last, peer)
+                blksize = _option(packet, b"blksize", 512)
+                window = _option(packet, b"windowsize", 1)
+                wire.send(struct.pack(">HH", 4, 0))
                 continue
             if op != 3 or len(packet) < 4:
                 continue
@@ -1908,8 +1861,7 @@ class _TftpClient:
             data = packet[4:]
             if block != expected & 0xFFFF:
                 # Out of order: acknowledge what we have so the server goes back.
-                last = struct.pack(">HH", 4, (expected - 1) & 0xFFFF)
-                sock.sendto(last, peer)
+                wire.send(struct.pack(">HH", 4, (expected - 1) & 0xFFFF))
                 continue
             if data:
                 if not ram.contains(address + total, len(data)):
@@ -1921,11 +1873,62 @@ class _TftpClient:
                 self._hash()
             done = len(data) < blksize
             if done or expected % window == 0:
-                last = struct.pack(">HH", 4, block)
-                sock.sendto(last, peer)
+                wire.send(struct.pack(">HH", 4, block))
             expected += 1
             if done:
-                elapsed = max(time.monotonic() - started, 1e-6)
-                rate = size_text(int(total / elapsed))
-                say(f"\n\t {rate}/s\ndone\nBytes transferred = {total} ({total:x} hex)\n")
-                return total
+                return self._done(total, started)
+        return None
+
+
+class _Wire:
+    """The socket of one TFTP transfer as U-Boot drives it: the last packet it sent (sent again
+    after each timeout) and the server's port (fixed by its first answer)."""
+
+    def __init__(
+        self, tftp: _TftpClient, sock: socket.socket, dest: tuple[object, ...], request: bytes
+    ) -> None:
+        self.tftp = tftp
+        self.sock = sock
+        self.dest = dest
+        self.peer: tuple[object, ...] | None = None
+        self.last = request
+        self.timeouts = 0
+        sock.sendto(request, dest)
+
+    def send(self, packet: bytes) -> None:
+        self.last = packet
+        self.sock.sendto(packet, self.peer or self.dest)
+
+    def receive(self) -> bytes | None:
+        """The server's next packet; None after U-Boot's message when the retries ran out or
+        the socket failed. Timeouts count up until the caller sets ``timeouts`` back to 0."""
+        face = self.tftp.face
+        while True:
+            if face._boot_changed():
+                raise _BootChanged
+            ready, _, _ = select.select([self.sock], [], [], self.tftp.timeout_s)
+            if not ready:
+                self.timeouts += 1
+                if self.timeouts > self.tftp.retries:
+                    face._say("\nRetry count exceeded; starting again\n")
+                    return None
+                face._say("T ")
+                self.sock.sendto(self.last, self.peer or self.dest)
+                continue
+            try:
+                packet, source = self.sock.recvfrom(65536 + 4)
+            except OSError as e:
+                face._say(f"\nTFTP error: {e.strerror or e}\n")
+                return None
+            if self.peer is None:
+                self.peer = source
+            elif source != self.peer:
+                continue
+            return packet
+
+
+def _option(oack: bytes, name: bytes, default: int) -> int:
+    """An integer option of an OACK packet."""
+    opts = oack[2:].split(b"\0")
+    pairs = dict(zip(opts[0::2], opts[1::2], strict=False))
+    return _int(pairs.get(name, str(default).encode()).decode(), default)
