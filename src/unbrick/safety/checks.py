@@ -28,6 +28,7 @@ from unbrick.model.manifest import AndroidInfo, Manifest, Requirements, evaluate
 from unbrick.model.profile import Profile, Region
 from unbrick.model.profile_toml import region_size_bytes
 from unbrick.model.versions import compare
+from unbrick.safety.results import CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -273,32 +274,6 @@ class PreflightContext:
 
 # ---------------------------------------------------------------------------------------------
 # Results
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    id: str
-    passed: bool
-    overridable: bool
-    forced: bool
-    #: One line: what was expected, what was found, what to do.
-    message: str
-    detail: Mapping[str, Any] = field(default_factory=dict)
-    #: The ``--reason`` of a forced check.
-    reason: str | None = None
-    #: The error class a failure maps to: PreflightError, IntegrityError or SignatureError.
-    error: str = "PreflightError"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "passed": self.passed,
-            "overridable": self.overridable,
-            "forced": self.forced,
-            "reason": self.reason,
-            "message": self.message,
-            "detail": dict(self.detail),
-        }
 
 
 @dataclass(frozen=True)

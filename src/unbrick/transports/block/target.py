@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from unbrick.errors import DeviceError, PreflightError, SourceError, UsageError
+from unbrick.safety.results import CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +53,6 @@ class CheckSpec:
     rule: str
     #: For checks that cannot be forced: why not.
     why_not: str = ""
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one block check (the fields of ``unbrick.safety.checks.CheckResult``,
-    which this transport does not import: that module loads every profile and format)."""
-
-    id: str
-    passed: bool
-    overridable: bool
-    forced: bool
-    message: str
-    detail: Mapping[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-    error: str = "PreflightError"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "passed": self.passed,
-            "overridable": self.overridable,
-            "forced": self.forced,
-            "reason": self.reason,
-            "message": self.message,
-            "detail": dict(self.detail),
-        }
 
 
 CHECK_KIND = "block.kind"

@@ -55,11 +55,11 @@ from unbrick.errors import (
     VerifyError,
 )
 from unbrick.formats.base import KiB, Limits, MiB
+from unbrick.safety.results import CheckResult
 from unbrick.transports.block.image import FLASH_LIMITS, Image, ImageInfo
 from unbrick.transports.block.target import (
     CHECK_SIZE,
     BlockTarget,
-    CheckResult,
     System,
     open_reader,
     open_target,
