@@ -32,6 +32,7 @@ from unbrick.engine.writer import (
     Target,
     bad_ranges,
     partition_bad_ranges,
+    partition_digest,
     range_digest,
     verify_range,
     write_range,
@@ -1372,7 +1373,8 @@ class Workbench:
         content differs is backed up as it is now, written back whole through the link, and
         read back; then the device reboots and its boot is checked."""
         record = self.vault.get(backup_id)
-        held = [r.name for r in backups.backup_regions(record)]
+        regions = backups.backup_regions(record)
+        held = [r.name for r in regions]
         job_id = new_job_id()
         with self._device(address) as dev:
             need = {Capability.PARTITIONS, Capability.PARTITION_READ, Capability.IMAGE_WRITE}
@@ -1412,25 +1414,19 @@ class Workbench:
             try:
                 with self._step(job_id, "preflight", backup=backup_id) as detail:
                     _refuse_other_unit(backup_id, owner, identity, forced)
-                    files: dict[str, Path] = {}
                     changed: list[str] = []
-                    for name in held:
-                        size = parts.partition_size(name)
-                        path = workdir / f"{name}.img"
-                        with open(path, "wb") as f:
-                            for piece in backups.iter_region_data(self.vault, backup_id, name):
-                                f.write(piece)
-                        files[name] = path
-                        if size is None or size < path.stat().st_size:
+                    for region in regions:
+                        size = parts.partition_size(region.name)
+                        if size is None or size < region.size_bytes:
                             raise PreflightError(
-                                f"the device has no partition '{name}' as large as the "
-                                f"backup's ({path.stat().st_size} bytes)",
+                                f"the device has no partition '{region.name}' as large as the "
+                                f"backup's ({region.size_bytes} bytes)",
                                 check_id="image.size",
                                 hint="restore it to the device it came from",
                             )
-                        with _open_image(path) as image:
-                            if partition_bad_ranges(reader, name, image):
-                                changed.append(name)
+                        now = partition_digest(reader, region.name, region.size_bytes)
+                        if now != region.sha256:
+                            changed.append(region.name)
                     detail["partitions"] = changed
             except PreflightError as e:
                 self._finish(job_id, JobState.REFUSED, "refused", refusal=e.one_line())
@@ -1456,7 +1452,10 @@ class Workbench:
                 state = self._move(job_id, state, JobState.WRITE)
                 for name in changed:
                     self._check_same_device(job_id, dev, identity)
-                    path = files[name]
+                    path = workdir / f"{name}.img"
+                    with open(path, "wb") as f:
+                        for piece in backups.iter_region_data(self.vault, backup_id, name):
+                            f.write(piece)
                     size = path.stat().st_size
                     with self._step(job_id, "write", region=name) as detail:
                         result = cast(ImageWrite, dev).write_image(WriteTarget(name, 0, size), path)

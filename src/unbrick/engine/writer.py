@@ -208,6 +208,14 @@ def partition_bad_ranges(
     return bad
 
 
+def partition_digest(device: PartitionRead, partition: str, size: int) -> str:
+    """SHA-256 of the first ``size`` bytes of ``partition``, read back from the device."""
+    h = hashlib.sha256()
+    for pos in range(0, size, PARTITION_READ_BYTES):
+        h.update(device.read_partition(partition, pos, min(PARTITION_READ_BYTES, size - pos)))
+    return h.hexdigest()
+
+
 class _Shifted(ImageData):
     """The image seen from a relative offset (to rewrite a sub-range)."""
 
