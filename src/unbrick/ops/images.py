@@ -7,7 +7,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -125,7 +126,9 @@ def inspect_path(
     with open_image(path) as f, open_image(path) as h:
         # The digest is taken on a thread of its own (hashlib works without the GIL) while the
         # format is checked: a large image costs its hash, not its hash and its check.
-        hashing = _Background(lambda: digests.hash_stream(h, ["sha256"])["sha256"])
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="unbrick-hash")
+        hashing = hasher.submit(digests.hash_stream, h, ["sha256"])
+        hasher.shutdown(wait=False)
         src = Source(f, name=str(path))
         spec = detect(sniff_source(src))
         if spec.name == "bmap":
@@ -143,7 +146,7 @@ def inspect_path(
             path=str(path),
             format=findings.format,
             size=src.size,
-            sha256=hashing.result(),
+            sha256=hashing.result()["sha256"],
             problems=list(findings.problems),
             warnings=list(findings.warnings),
             details=findings.details,
@@ -186,29 +189,6 @@ class ReportCache:
 class _CacheEntry:
     lock: threading.Lock
     report: ImageReport | None = None
-
-
-class _Background:
-    """``fn()`` run on a thread; :meth:`result` waits and returns (or raises) its outcome."""
-
-    def __init__(self, fn: Callable[[], str]) -> None:
-        self._fn = fn
-        self._value = ""
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="unbrick-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as e:  # handed to the caller by result()
-            self._error = e
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 class _Peeked:
